@@ -1,0 +1,95 @@
+"""open_storage: parse the URL, migrate under a lock, bind Pony, map entities."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from loguru import logger
+from pony.orm import Database
+from pony.orm.core import OrmError
+from pony.orm.dbapiprovider import DBException
+
+from storage.errors import SchemaVersionError, StorageError
+from storage.migrations import CURRENT_VERSION, MigrationConnection, migrate
+from storage.models import define_entities
+from storage.repository import Storage
+from storage.url import SQLITE_BUSY_TIMEOUT_MS, DatabaseUrl, parse_url
+
+SQLITE_PRAGMAS = (
+    f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}",  # first: the others may wait
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = NORMAL",
+)
+
+
+def run_migrations(url: DatabaseUrl, *, create: bool, clock: Callable[[], float]) -> int:
+    """Migrate the database to CURRENT_VERSION with a short raw connection."""
+    raw = url.connect_raw(create=create)
+    try:
+        conn = MigrationConnection(raw, url.dialect)
+        migrate(conn, create=create, clock=clock)
+        return CURRENT_VERSION
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(
+            f"cannot migrate database {url.safe}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        raw.close()
+
+
+def _bind(url: DatabaseUrl, *, create: bool) -> tuple[Database, object, list]:
+    db = Database()
+    connections: list = []
+    lock = threading.Lock()
+
+    @db.on_connect(provider="sqlite")
+    def _sqlite_pragmas(_db, connection):
+        cursor = connection.cursor()
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+        with lock:
+            connections.append(connection)
+
+    @db.on_connect(provider="postgres")
+    def _pg_track(_db, connection):
+        with lock:
+            connections.append(connection)
+
+    entities = define_entities(db)
+    try:
+        db.bind(**url.pony_bind_args(create=create))
+        db.generate_mapping(create_tables=False, check_tables=True)
+    except (DBException, OrmError, OSError) as exc:
+        for con in connections:
+            try:
+                con.close()
+            except Exception:  # pragma: no cover
+                pass
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StorageError(
+            f"cannot open database {url.safe}: {type(exc).__name__}: {first}"
+        ) from None
+    return db, entities, connections
+
+
+def open_storage(url: str, *, clock: Callable[[], float] = time.time, create: bool = True) -> Storage:
+    """Open (and create/upgrade) the database at ``url``.
+
+    ``create=False`` refuses a database that does not exist or has no stashd
+    schema yet; an older schema is upgraded either way. A newer schema raises
+    SchemaVersionError before anything is written.
+    """
+    parsed = parse_url(url)
+    version = run_migrations(parsed, create=create, clock=clock)
+    db, entities, connections = _bind(parsed, create=create)
+    logger.debug("storage open: {} (schema v{})", parsed.safe, version)
+    return Storage(
+        db, entities, parsed, schema_version=version, clock=clock, connections=connections
+    )
+
+
+__all__ = ["open_storage", "run_migrations", "SchemaVersionError", "StorageError"]

@@ -1,0 +1,185 @@
+"""Numbered schema migrations, portable between SQLite and PostgreSQL.
+
+``MIGRATIONS[n - 1]`` takes a database from version ``n - 1`` to ``n``. A step is
+either a SQL string (portable types only: BIGINT, INTEGER, TEXT, BOOLEAN,
+DOUBLE PRECISION) or a callable ``step(conn: MigrationConnection)`` for anything
+that needs to differ per dialect. Migrations are append-only: never edit a
+released one, add the next number.
+
+The version lives in the single-row table ``schema_version``. Migrating takes a
+lock first (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``pg_advisory_xact_lock``
+inside the migration transaction), then re-reads the version, so two processes
+opening the same fresh database never both migrate. Both engines have
+transactional DDL: a failed migration leaves the database as it was.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence, Union
+
+from loguru import logger
+
+from storage.errors import SchemaVersionError, StorageError
+
+# Any constant works; it only has to be the same for every stashd process.
+PG_MIGRATION_LOCK_KEY = 0x57A5_4D00_0001
+
+
+class MigrationConnection:
+    """A raw DB-API connection in autocommit mode plus its dialect name."""
+
+    def __init__(self, raw, dialect: str):
+        if dialect not in ("sqlite", "postgres"):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.raw = raw
+        self.dialect = dialect
+
+    def execute(self, sql: str, params: Sequence = ()):
+        """Run one statement; ``?`` placeholders work on both dialects."""
+        if self.dialect == "postgres":
+            sql = sql.replace("?", "%s")
+        cur = self.raw.cursor()
+        cur.execute(sql, tuple(params))
+        return cur
+
+    def table_exists(self, name: str) -> bool:
+        if self.dialect == "sqlite":
+            row = self.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).fetchone()
+            return row is not None
+        row = self.execute("SELECT to_regclass(?)", (name,)).fetchone()
+        return row[0] is not None
+
+
+Step = Union[str, Callable[[MigrationConnection], None]]
+
+MIGRATIONS: tuple[tuple[Step, ...], ...] = (
+    # 1: accounts and their remembered FloodWaits
+    (
+        """CREATE TABLE accounts (
+            name TEXT NOT NULL PRIMARY KEY,
+            user_id BIGINT,
+            phone_redacted TEXT,
+            premium BOOLEAN,
+            upload_limit_bytes BIGINT,
+            state TEXT NOT NULL,
+            cooldown_until DOUBLE PRECISION,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE flood_waits (
+            account TEXT NOT NULL,
+            request_kind TEXT NOT NULL,
+            until DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, request_kind)
+        )""",
+        "CREATE INDEX flood_waits_until ON flood_waits (until)",
+    ),
+    # 2: channels and which accounts can see them
+    (
+        """CREATE TABLE channels (
+            channel_id BIGINT NOT NULL PRIMARY KEY,
+            title TEXT NOT NULL,
+            username TEXT,
+            is_forum BOOLEAN NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE channel_seen_by (
+            channel_id BIGINT NOT NULL REFERENCES channels (channel_id) ON DELETE CASCADE,
+            account TEXT NOT NULL,
+            PRIMARY KEY (channel_id, account)
+        )""",
+        "CREATE INDEX channel_seen_by_account ON channel_seen_by (account)",
+    ),
+)
+
+CURRENT_VERSION = len(MIGRATIONS)
+
+_VERSION_TABLE = """CREATE TABLE schema_version (
+    id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    upgraded_at DOUBLE PRECISION NOT NULL
+)"""
+
+
+def read_version(conn: MigrationConnection) -> int | None:
+    """The database's schema version; None when it has no stashd schema at all."""
+    if not conn.table_exists("schema_version"):
+        return None
+    row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _check_not_newer(version: int | None, supported: int) -> None:
+    if version is not None and version > supported:
+        raise SchemaVersionError(version, supported)
+
+
+def migrate(
+    conn: MigrationConnection,
+    *,
+    target: int = CURRENT_VERSION,
+    create: bool = True,
+    clock: Callable[[], float] = time.time,
+    migrations: Sequence[Sequence[Step]] = MIGRATIONS,
+) -> list[int]:
+    """Bring the database to ``target``; return the versions applied (often none).
+
+    Raises SchemaVersionError, before writing anything, when the database is
+    newer than ``len(migrations)``; StorageError when ``create`` is false and the
+    database has no schema yet.
+    """
+    supported = len(migrations)
+    if not 0 <= target <= supported:
+        raise ValueError(f"target version {target} outside 0..{supported}")
+    version = read_version(conn)  # lock-free look first: refuse without writing
+    _check_not_newer(version, supported)
+    if version is None and not create:
+        raise StorageError("database has no stashd schema (and create=False)")
+    if version is not None and version >= target:
+        return []
+
+    if conn.dialect == "sqlite":
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode and str(mode[0]).lower() != "wal":  # pragma: no cover - odd filesystems
+            logger.warning("SQLite refused WAL journal mode (got {})", mode[0])
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        conn.execute("BEGIN")
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK_KEY,))
+    applied: list[int] = []
+    try:
+        version = read_version(conn)  # again, under the lock
+        _check_not_newer(version, supported)
+        if version is None:
+            conn.execute(_VERSION_TABLE)
+            version = 0
+        fresh = version == 0
+        for number in range(version + 1, target + 1):
+            for step in migrations[number - 1]:
+                if callable(step):
+                    step(conn)
+                else:
+                    conn.execute(step)
+            applied.append(number)
+        if applied:
+            if fresh:
+                conn.execute(
+                    "INSERT INTO schema_version (id, version, upgraded_at) VALUES (1, ?, ?)",
+                    (target, float(clock())),
+                )
+            else:
+                conn.execute(
+                    "UPDATE schema_version SET version = ?, upgraded_at = ? WHERE id = 1",
+                    (target, float(clock())),
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:  # the original error matters more
+            pass
+        raise
+    if applied:
+        logger.info("database schema migrated to version {} (applied {})", target, applied)
+    return applied
