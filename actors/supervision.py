@@ -505,7 +505,9 @@ class SupervisorActor(pykka.ThreadingActor):
 def _inbox_depth(ref: pykka.ActorRef | None) -> int:
     if ref is None:
         return 0
+    inbox = ref.actor_inbox
+    size = getattr(inbox, "depth", None) or getattr(inbox, "qsize", None)  # LoopInbox / queue.Queue
     try:
-        return int(ref.actor_inbox.qsize())
-    except Exception:  # a custom inbox without qsize
+        return int(size()) if size is not None else 0
+    except Exception:
         return 0
