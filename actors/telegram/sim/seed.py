@@ -1,0 +1,174 @@
+"""Seed a simulated Telegram with the accounts and channels the demo and tests use.
+
+Accounts: alice (regular), bob (Premium), carol (regular), each with a Telethon
+session file (mode 0600) in the sessions directory, plus a "publisher" account
+without a session that posts into the source channels.  Channels:
+
+- "Sim Source A" (@sim_source_a): one archive of every naming scheme (zip,
+  .zip.001/.002, .z01+.zip, .partN.rar, .r00+.rar, .7z.001/.002); alice, bob.
+- "Sim Source B" (@sim_source_b): the archive shared with A (posted again,
+  same bytes and name), another zip and some text posts; bob, carol.
+- "Sim Forum" (@sim_forum): forum with topics "Games" and "Software"; everyone.
+- "Stash Archive" (@stash_archive): the destination; all three are admins.
+
+Seeding is idempotent: existing users, channels, topics and posts (by file
+name or text) are kept, and only missing session files are written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from actors.telegram.sim import samples
+
+
+@dataclass(frozen=True)
+class SeedUser:
+    username: str
+    first_name: str
+    phone: str | None
+    premium: bool
+    session: bool = True
+
+
+ALICE = SeedUser("alice", "Alice", "+15550000001", False)
+BOB = SeedUser("bob", "Bob", "+15550000002", True)
+CAROL = SeedUser("carol", "Carol", "+15550000003", False)
+PUBLISHER = SeedUser("sim_publisher", "Publisher", None, False, session=False)
+USERS = (ALICE, BOB, CAROL, PUBLISHER)
+
+SOURCE_A = "sim_source_a"
+SOURCE_B = "sim_source_b"
+FORUM = "sim_forum"
+DESTINATION = "stash_archive"
+
+
+def seed_world(world_or_control: Any, sessions_dir: str | Path, *, size_scale: float = 1.0) -> dict:
+    """Create the demo world; returns a JSON-able summary.
+
+    ``world_or_control`` is a ``SimWorld`` or a ``SimControl`` of a running
+    server (the server then seeds its own world, writing the session files
+    into ``sessions_dir``, which must be reachable from the server).
+    """
+    sessions_dir = Path(sessions_dir)
+    if hasattr(world_or_control, "call") and not hasattr(world_or_control, "handle_bytes"):
+        return world_or_control.seed(sessions_dir, size_scale=size_scale)
+    return _Seeder(world_or_control, sessions_dir, size_scale).run()
+
+
+class _Seeder:
+    def __init__(self, world: Any, sessions_dir: Path, scale: float):
+        self.world = world
+        self.sessions_dir = sessions_dir
+        self.scale = scale
+        self.snapshot = world.inspect()
+        self.created = {"users": 0, "channels": 0, "topics": 0, "messages": 0, "sessions": 0}
+
+    def run(self) -> dict:
+        self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ids = {user.username: self.user(user) for user in USERS}
+        alice, bob, carol, pub = (ids[u.username] for u in USERS)
+        a = self.channel("Sim Source A", SOURCE_A, members=[alice, bob], admins=[pub])
+        b = self.channel("Sim Source B", SOURCE_B, members=[bob, carol], admins=[pub])
+        forum = self.channel("Sim Forum", FORUM, forum=True, members=[alice, bob, carol], admins=[pub])
+        dest = self.channel("Stash Archive", DESTINATION, members=[], admins=[alice, bob, carol])
+        shared = samples.shared_sample(self.scale)
+        for sample in samples.source_a_samples(self.scale) + [shared]:
+            self.document(a, pub, sample)
+        self.document(b, pub, shared)
+        for text in samples.source_b_texts():
+            self.text(b, pub, text)
+        for sample in samples.source_b_samples(self.scale):
+            self.document(b, pub, sample)
+        self.text(forum, pub, "Welcome to the Sim Forum: archives live in the topics.")
+        for title, topic_samples in samples.forum_topics(self.scale).items():
+            topic_id = self.topic(forum, title)
+            for sample in topic_samples:
+                self.document(forum, pub, sample, topic_id=topic_id)
+        summary = {
+            "sessions_dir": str(self.sessions_dir.resolve()),
+            "accounts": [{"name": u.username, "user_id": ids[u.username], "premium": u.premium,
+                          "session": str(self._session_path(u)) if u.session else None}
+                         for u in USERS],
+            "channels": {"source_a": a, "source_b": b, "forum": forum, "destination": dest},
+            "created": dict(self.created),
+        }
+        logger.bind(actor="sim").info("seeded simulated Telegram: {}", self.created)
+        return summary
+
+    # -- users ---------------------------------------------------------------
+
+    def _session_path(self, user: SeedUser) -> Path:
+        return (self.sessions_dir / f"{user.username}.session").resolve()
+
+    def _find(self, kind: str, **match: Any) -> dict | None:
+        for record in self.snapshot.get(kind, []):
+            if all(_norm(record.get(k)) == _norm(v) for k, v in match.items()):
+                return record
+        return None
+
+    def user(self, user: SeedUser) -> int:
+        existing = self._find("users", username=user.username)
+        session_path = self._session_path(user)
+        if existing is None:
+            created = self.world.create_user(user.first_name, username=user.username,
+                                             phone=user.phone, premium=user.premium)
+            self.created["users"] += 1
+            user_id, auth_key = created.user_id, created.auth_key
+        else:
+            user_id = int(existing.get("user_id", existing.get("id")))
+            auth_key = None
+        if user.session and not session_path.exists():
+            if auth_key is None:
+                auth_key = self.world.new_auth_key(user_id)
+            self._write_session(session_path, auth_key)
+        return user_id
+
+    def _write_session(self, path: Path, auth_key: bytes) -> None:
+        from actors.telegram.sim.client import write_session_file
+
+        write_session_file(path, auth_key)
+        path.chmod(0o600)
+        self.created["sessions"] += 1
+
+    # -- channels, topics, posts ----------------------------------------------
+
+    def channel(self, title: str, username: str, *, forum: bool = False,
+                members: list[int], admins: list[int]) -> int:
+        existing = self._find("channels", username=username)
+        if existing is not None:
+            return int(existing.get("channel_id", existing.get("id")))
+        self.created["channels"] += 1
+        return int(self.world.create_channel(title, username=username, forum=forum,
+                                             members=members, admins=admins))
+
+    def topic(self, channel_id: int, title: str) -> int:
+        existing = self._find("topics", channel_id=channel_id, title=title)
+        if existing is not None:
+            return int(existing.get("topic_id", existing.get("id")))
+        self.created["topics"] += 1
+        return int(self.world.create_topic(channel_id, title))
+
+    def _posted(self, channel_id: int, **match: Any) -> bool:
+        return self._find("messages", channel_id=channel_id, **match) is not None
+
+    def document(self, channel_id: int, sender_id: int, sample: samples.Sample, *,
+                 topic_id: int | None = None) -> None:
+        if self._posted(channel_id, file_name=sample.file_name):
+            return
+        self.created["messages"] += 1
+        self.world.post_document(channel_id, sender_id, sample.file_name, sample.data,
+                                 caption=sample.caption, topic_id=topic_id)
+
+    def text(self, channel_id: int, sender_id: int, text: str) -> None:
+        if self._posted(channel_id, text=text):
+            return
+        self.created["messages"] += 1
+        self.world.post_text(channel_id, sender_id, text)
+
+
+def _norm(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value

@@ -1,0 +1,442 @@
+"""The standalone simulated Telegram: ``SimWorld(state_dir)`` behind a Unix socket.
+
+Protocol (see ``remote.py``): frames of a 4-byte big-endian length and a
+msgpack map.  ``{"op": "invoke", "id", "key", "name", "data"}`` runs one TL
+request through ``SimWorld.handle_bytes`` and is answered by
+``{"id", "ok": True, "data"}`` or ``{"id", "ok": False, "code", "message"}``.
+Control ops (``seed``, ``inspect``, ``delete``, ``fault``, ``post``, ``ping``)
+are answered by ``{"id", "ok": True, "result"}`` or ``{"id", "ok": False,
+"message"}``.  Requests on one connection run concurrently and may be answered
+out of order.  World calls run in worker threads so the loop stays responsive;
+per-request latency and bandwidth faults are ``asyncio.sleep``s, so requests of
+many connections overlap while each one still takes its simulated time.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+
+from actors.telegram.sim.errors import SimRpcError
+from actors.telegram.sim.remote import MAX_FRAME_BYTES, FrameError, SimControl, encode_frame, read_frame
+
+SOCKET_NAME = "sim.sock"
+PID_NAME = "sim.pid"
+
+
+class SimServerError(RuntimeError):
+    """The server cannot start (another one runs, bad socket path, ...)."""
+
+
+def default_socket_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+def _open_world(state_dir: Path):
+    from actors.telegram.sim.world import SimWorld
+
+    return SimWorld(state_dir)
+
+
+def _field(record: dict, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` present in an ``inspect()`` record."""
+    for name in names:
+        if name in record:
+            return record[name]
+    return default
+
+
+def channel_id_of(record: dict) -> int:
+    return int(_field(record, "channel_id", "id"))
+
+
+def user_id_of(record: dict) -> int:
+    return int(_field(record, "user_id", "id"))
+
+
+def find_channel(snapshot: dict, name: str | int) -> dict:
+    """The channel of ``inspect()`` named by id, @username, username or title."""
+    wanted = str(name).strip()
+    bare = wanted.lstrip("@").lower()
+    channels = snapshot.get("channels", [])
+    for channel in channels:
+        if wanted.lstrip("-").isdigit() and channel_id_of(channel) in (
+                int(wanted), abs(int(wanted)) - 1_000_000_000_000):  # plain or -100-marked id
+            return channel
+    for channel in channels:
+        if (channel.get("username") or "").lower() == bare:
+            return channel
+    for channel in channels:
+        if (channel.get("title") or "").lower() == wanted.lower():
+            return channel
+    known = ", ".join(sorted(c.get("username") or c.get("title") or "?" for c in channels)) or "none"
+    raise LookupError(f"no channel {wanted!r} (known: {known})")
+
+
+def find_user(snapshot: dict, name: str | int) -> dict:
+    wanted = str(name).strip().lstrip("@").lower()
+    for user in snapshot.get("users", []):
+        if wanted.isdigit() and int(wanted) == user_id_of(user):
+            return user
+        if (user.get("username") or "").lower() == wanted:
+            return user
+    raise LookupError(f"no user {name!r}")
+
+
+def find_topic(snapshot: dict, channel_id: int, name: str | int) -> dict:
+    wanted = str(name).strip()
+    for topic in snapshot.get("topics", []):
+        if int(topic.get("channel_id", channel_id)) != channel_id:
+            continue
+        topic_id = int(_field(topic, "topic_id", "id"))
+        if (wanted.isdigit() and int(wanted) == topic_id) or (topic.get("title") or "") == wanted:
+            return topic
+    raise LookupError(f"no topic {wanted!r} in channel {channel_id}")
+
+
+def filter_snapshot(snapshot: dict, channel: str | int | None) -> dict:
+    """``inspect()`` narrowed to one channel (its topics and messages)."""
+    if channel is None:
+        return snapshot
+    cid = channel_id_of(find_channel(snapshot, channel))
+    narrowed = dict(snapshot)
+    narrowed["channels"] = [c for c in snapshot.get("channels", []) if channel_id_of(c) == cid]
+    for key in ("topics", "messages"):
+        if key in snapshot:
+            narrowed[key] = [r for r in snapshot[key] if int(r.get("channel_id", cid)) == cid]
+    return narrowed
+
+
+class WorldControl:
+    """The control operations, applied directly to a ``SimWorld``.
+
+    The server runs them for ``SimControl`` clients; the CLI uses this class
+    itself when no server is running.  Method names and arguments match
+    ``SimControl``.
+    """
+
+    def __init__(self, world: Any):
+        self.world = world
+
+    def call(self, op: str, args: dict) -> Any:
+        method = {"ping": self.ping, "seed": self.seed, "inspect": self.inspect,
+                  "delete": self.delete, "fault": self._fault, "post": self.post}.get(op)
+        if method is None:
+            raise ValueError(f"unknown op {op!r}")
+        return method(**args)
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def seed(self, sessions_dir: str, *, size_scale: float = 1.0) -> dict:
+        from actors.telegram.sim.seed import seed_world
+
+        return seed_world(self.world, Path(sessions_dir), size_scale=size_scale)
+
+    def inspect(self, channel: str | None = None) -> dict:
+        return filter_snapshot(self.world.inspect(), channel)
+
+    def delete(self, channel: str | int, ids: list[int]) -> int:
+        cid = channel_id_of(find_channel(self.world.inspect(), channel))
+        return int(self.world.delete_messages(cid, [int(i) for i in ids]))
+
+    def _fault(self, action: str, fault: dict | None = None) -> dict:
+        if action == "clear":
+            return self.clear_faults()
+        if action == "set":
+            fault = dict(fault or {})
+            return self.set_fault(fault.pop("kind"), **fault)
+        raise ValueError(f"unknown fault action {action!r}")
+
+    def set_fault(self, kind: str, **fields: Any) -> dict:
+        from actors.telegram.sim.world import Fault
+
+        account = fields.pop("account", None)
+        if account is not None:
+            fields["account"] = user_id_of(find_user(self.world.inspect(), account))
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self.world.set_fault(Fault(kind=kind, **fields))
+        return {"kind": kind, **fields}
+
+    def clear_faults(self) -> dict:
+        self.world.clear_faults()
+        return {"cleared": True}
+
+    def post(self, channel: str | int, *, file_name: str | None = None, data: bytes | None = None,
+             path: str | None = None, text: str | None = None, caption: str = "",
+             topic: str | int | None = None, sender: str | None = None) -> int:
+        snapshot = self.world.inspect()
+        cid = channel_id_of(find_channel(snapshot, channel))
+        topic_id = None if topic is None else int(_field(find_topic(snapshot, cid, topic), "topic_id", "id"))
+        sender_id = self._sender_for(snapshot, cid, sender)
+        if text is not None and file_name is None and data is None and path is None:
+            return int(self.world.post_text(cid, sender_id, text, topic_id=topic_id))
+        content = Path(path) if path is not None else data
+        if content is None:
+            raise ValueError("post needs text, data or path")
+        name = file_name or (Path(path).name if path else "file.bin")
+        return int(self.world.post_document(cid, sender_id, name, content, caption=caption,
+                                            topic_id=topic_id))
+
+    def _sender_for(self, snapshot: dict, channel_id: int, sender: str | None) -> int:
+        if sender is not None:
+            return user_id_of(find_user(snapshot, sender))
+        from actors.telegram.sim.seed import PUBLISHER
+
+        try:
+            return user_id_of(find_user(snapshot, PUBLISHER.username))
+        except LookupError:
+            users = snapshot.get("users", [])
+            if not users:
+                raise LookupError("no users in the world: seed it first") from None
+            return user_id_of(users[0])
+
+
+class SimServer:
+    """Serve one ``SimWorld`` on a Unix socket (mode 0600).
+
+    Use ``run()`` to block in the current thread (signals stop it), or
+    ``start_in_thread()`` / ``stop_thread()`` in tests.
+    """
+
+    def __init__(self, state_dir: str | Path, socket_path: str | Path | None = None, *,
+                 world: Any = None, max_frame_bytes: int = MAX_FRAME_BYTES, workers: int = 8):
+        self.state_dir = Path(state_dir).resolve()
+        self.socket_path = Path(socket_path).resolve() if socket_path else default_socket_path(self.state_dir)
+        self.pid_path = self.state_dir / PID_NAME
+        self.max_frame_bytes = max_frame_bytes
+        self._world = world
+        self._owns_world = world is None
+        self._workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._socket_inode: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._thread_error: BaseException | None = None
+        self.control: WorldControl | None = None
+
+    @property
+    def world(self):
+        return self._world
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the world, bind the socket and write the pid file."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._refuse_if_running()
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="sim-world")
+        if self._world is None:
+            self._world = await self._loop.run_in_executor(self._executor, _open_world, self.state_dir)
+        self.control = WorldControl(self._world)
+        sock = self._bind_socket()
+        self._server = await asyncio.start_unix_server(self._serve_connection, sock=sock)
+        self.pid_path.write_text(f"{os.getpid()}\n")
+        logger.bind(actor="sim").info("simulated Telegram serving {} on {}", self.state_dir, self.socket_path)
+
+    async def _refuse_if_running(self) -> None:
+        if not self.socket_path.exists() and not self.socket_path.is_symlink():
+            return
+        control = SimControl(self.socket_path, timeout=3.0)
+        running = await asyncio.get_running_loop().run_in_executor(None, control.is_running)
+        if running:
+            pid = self.pid_path.read_text().strip() if self.pid_path.exists() else "?"
+            raise SimServerError(f"another sim server (pid {pid}) already answers on {self.socket_path}")
+        self.socket_path.unlink()  # stale socket of a server that died
+
+    def _bind_socket(self) -> socket.socket:
+        """Bind under a temporary name, chmod 0600, then move into place: never world-accessible."""
+        tmp = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.socket_path)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise SimServerError(f"cannot bind {self.socket_path}: {exc}") from None
+        self._socket_inode = self.socket_path.stat().st_ino
+        return sock
+
+    async def serve_until_stopped(self) -> None:
+        await self._stop.wait()
+        await self.aclose()
+
+    def request_stop(self) -> None:
+        """Ask the server to stop; safe from any thread and from signal handlers."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._remove_socket()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=False)
+            self._executor = None
+        if self._owns_world and self._world is not None and hasattr(self._world, "close"):
+            self._world.close()
+        with contextlib.suppress(FileNotFoundError):
+            if self.pid_path.read_text().strip() == str(os.getpid()):
+                self.pid_path.unlink()
+        logger.bind(actor="sim").info("simulated Telegram stopped")
+
+    def _remove_socket(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.socket_path.stat().st_ino == self._socket_inode:
+                self.socket_path.unlink()
+
+    def run(self, *, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or ``request_stop``); blocks."""
+        async def main() -> None:
+            await self.start()
+            if install_signals:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self._stop.set)
+            self._ready.set()
+            await self.serve_until_stopped()
+
+        asyncio.run(main())
+
+    def start_in_thread(self, timeout: float = 30.0) -> "SimServer":
+        """Run the server on its own thread and loop; returns once it listens."""
+        def target() -> None:
+            try:
+                self.run(install_signals=False)
+            except BaseException as exc:  # reported to the starting thread
+                self._thread_error = exc
+                self._ready.set()
+
+        self._thread = threading.Thread(target=target, name="sim-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise SimServerError("sim server did not start in time")
+        if self._thread_error is not None:
+            raise self._thread_error
+        return self
+
+    def stop_thread(self, timeout: float = 30.0) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- connections -------------------------------------------------------
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(asyncio.current_task())
+        requests: set[asyncio.Task] = set()
+        try:
+            while True:
+                try:
+                    message = await read_frame(reader, self.max_frame_bytes)
+                except FrameError as exc:
+                    writer.write(encode_frame({"id": None, "ok": False, "code": 400, "message": str(exc)}))
+                    break
+                if message is None:
+                    break
+                task = asyncio.create_task(self._handle(message, writer))
+                requests.add(task)
+                task.add_done_callback(requests.discard)
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(asyncio.current_task())
+            for task in list(requests):
+                task.cancel()
+            if requests:
+                await asyncio.gather(*requests, return_exceptions=True)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handle(self, message: dict, writer: asyncio.StreamWriter) -> None:
+        request_id = message.get("id")
+        op = message.get("op")
+        if op == "invoke":
+            reply = await self._invoke(message, writer)
+        else:
+            reply = await self._control(op, message)
+        if reply is not None and not writer.is_closing():
+            reply["id"] = request_id
+            writer.write(encode_frame(reply))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+
+    async def _in_worker(self, fn: Callable, *args: Any) -> Any:
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
+    async def _invoke(self, message: dict, writer: asyncio.StreamWriter) -> dict | None:
+        key = int(message.get("key") or 0)
+        name = str(message.get("name") or "")
+        data = message.get("data") or b""
+        world = self._world
+        if world.should_drop(key, name):
+            logger.bind(actor="sim").debug("dropping connection at {}", name)
+            writer.transport.abort()
+            return None
+        try:
+            result = await self._in_worker(world.handle_bytes, key, data)
+        except SimRpcError as exc:
+            reply = {"ok": False, "code": exc.code, "message": exc.message}
+            result = b""
+        except Exception as exc:
+            logger.bind(actor="sim").opt(exception=exc).error("sim failed on {}", name)
+            reply = {"ok": False, "code": 500, "message": f"INTERNAL_SIM_ERROR {type(exc).__name__}"}
+            result = b""
+        else:
+            reply = {"ok": True, "data": result}
+        delay = world.delay_for(key, name, len(data) + len(result))
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return reply
+
+    async def _control(self, op: Any, message: dict) -> dict:
+        args = {k: v for k, v in message.items() if k not in ("op", "id")}
+        try:
+            result = await self._in_worker(self.control.call, str(op), args)
+        except (KeyError, ValueError, TypeError, LookupError) as exc:
+            return {"ok": False, "message": str(exc).strip("'\"") or type(exc).__name__}
+        except Exception as exc:
+            logger.bind(actor="sim").opt(exception=exc).error("sim control {} failed", op)
+            return {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
+        return {"ok": True, "result": result}
+
+
+def run_server(state_dir: str | Path, socket_path: str | Path | None = None) -> int:
+    """Entry point for ``stashd sim serve``: serve until SIGTERM/SIGINT; 0 on a clean stop."""
+    server = SimServer(state_dir, socket_path)
+    try:
+        server.run()
+    except SimServerError as exc:
+        print(f"stashd sim serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
