@@ -1,0 +1,148 @@
+"""upload.saveFilePart / saveBigFilePart / getFile, and turning parts into documents."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+
+from telethon.tl import functions, types
+
+from .errors import bad_request
+from .handlers_build import Ctx
+
+MAX_PART = 512 * 1024
+SMALL_FILE_MAX = 10 * 1024 * 1024
+MAX_SMALL_PARTS = 4000
+FILE_CHUNK = 1024 * 1024
+
+
+def valid_part_size(size: int) -> bool:
+    return 0 < size <= MAX_PART and size % 1024 == 0 and MAX_PART % size == 0
+
+
+def _check_bytes(data: bytes) -> None:
+    if not data:
+        raise bad_request("FILE_PART_EMPTY")
+    if len(data) > MAX_PART:
+        raise bad_request("FILE_PART_TOO_BIG")
+
+
+def max_parts(ctx: Ctx) -> int:
+    row = ctx.user_row()
+    return ctx.world.max_parts_premium if row["premium"] else ctx.world.max_parts_regular
+
+
+def save_file_part(ctx: Ctx, req):
+    _check_bytes(req.bytes)
+    if not 0 <= req.file_part < MAX_SMALL_PARTS:
+        raise bad_request("FILE_PART_INVALID")
+    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, -1, req.bytes, ctx.now)
+    ctx.world.maybe_prune_parts()
+    return True
+
+
+def save_big_file_part(ctx: Ctx, req):
+    _check_bytes(req.bytes)
+    total = req.file_total_parts
+    if total <= 0 or total > max_parts(ctx):
+        raise bad_request("FILE_PARTS_INVALID")
+    if not 0 <= req.file_part < total:
+        raise bad_request("FILE_PART_INVALID")
+    if req.file_part != total - 1 and not valid_part_size(len(req.bytes)):
+        raise bad_request("FILE_PART_SIZE_INVALID")
+    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, total, req.bytes, ctx.now)
+    ctx.world.maybe_prune_parts()
+    return True
+
+
+def _assemble(ctx: Ctx, input_file) -> tuple[int, str]:
+    """Check the uploaded parts of an InputFile/InputFileBig; returns (doc_id, md5 hex)."""
+    me = ctx.me()
+    big = isinstance(input_file, types.InputFileBig)
+    if not isinstance(input_file, (types.InputFile, types.InputFileBig)):
+        raise bad_request("MEDIA_INVALID")
+    count = input_file.parts
+    if count <= 0 or count > (max_parts(ctx) if big else MAX_SMALL_PARTS):
+        raise bad_request("FILE_PARTS_INVALID")
+    parts = ctx.state.parts(me, input_file.id, ctx.now - ctx.world.part_ttl_seconds)
+    for index in range(count):
+        if index not in parts:
+            raise bad_request(f"FILE_PART_{index}_MISSING")
+        if big and parts[index][0] != count:
+            raise bad_request("FILE_PARTS_INVALID")
+    sizes = [parts[i][1] for i in range(count)]
+    if count > 1 and (not valid_part_size(sizes[0]) or any(s != sizes[0] for s in sizes[:-1])
+                      or sizes[-1] > sizes[0]):
+        raise bad_request("FILE_PART_SIZE_CHANGED")
+    total = sum(sizes)
+    if not big and total > SMALL_FILE_MAX:
+        raise bad_request("FILE_PARTS_INVALID")
+    doc_id = ctx.world.new_document_id()
+    path = ctx.state.doc_path(doc_id)
+    tmp = path.with_suffix(".tmp")
+    md5 = hashlib.md5()
+    with open(tmp, "wb") as out:
+        for index in range(count):
+            data = ctx.state.part_path(me, input_file.id, index).read_bytes()
+            if not big:
+                md5.update(data)
+            out.write(data)
+    if not big and input_file.md5_checksum and input_file.md5_checksum != md5.hexdigest():
+        tmp.unlink(missing_ok=True)
+        raise bad_request("MD5_CHECKSUM_INVALID")
+    os.replace(tmp, path)
+    return doc_id, total
+
+
+def document_from_media(ctx: Ctx, media) -> int:
+    if isinstance(media, types.InputMediaDocument):
+        doc = media.id
+        row = ctx.state.document(doc.id) if isinstance(doc, types.InputDocument) else None
+        if row is None or doc.access_hash != ctx.state.hash_for(0, "document", doc.id):
+            raise bad_request("MEDIA_INVALID")
+        return row["id"]
+    if not isinstance(media, types.InputMediaUploadedDocument):
+        raise bad_request("MEDIA_INVALID")
+    input_file = media.file
+    doc_id, size = _assemble(ctx, input_file)
+    name = input_file.name
+    for attr in media.attributes or ():
+        if isinstance(attr, types.DocumentAttributeFilename):
+            name = attr.file_name
+    mime = media.mime_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    ctx.state.run("INSERT INTO documents(id, size, mime_type, file_name, date) VALUES(?,?,?,?,?)",
+                  doc_id, size, mime, name or "file", ctx.now)
+    ctx.world.after_commit(lambda: ctx.state.drop_parts(ctx.me(), input_file.id))
+    return doc_id
+
+
+def get_file(ctx: Ctx, req):
+    ctx.me()
+    loc = req.location
+    if not isinstance(loc, types.InputDocumentFileLocation):
+        raise bad_request("LOCATION_INVALID")
+    row = ctx.state.document(loc.id)
+    if row is None or loc.access_hash != ctx.state.hash_for(0, "document", loc.id):
+        raise bad_request("FILE_ID_INVALID")
+    offset, limit = req.offset, req.limit
+    unit = 1024 if req.precise else 4096
+    if offset < 0 or offset % unit:
+        raise bad_request("OFFSET_INVALID")
+    if limit <= 0 or limit % unit or limit > FILE_CHUNK or (not req.precise and FILE_CHUNK % limit):
+        raise bad_request("LIMIT_INVALID")
+    if offset // FILE_CHUNK != (offset + limit - 1) // FILE_CHUNK:
+        raise bad_request("LIMIT_INVALID")
+    data = b""
+    if offset < row["size"]:
+        with open(ctx.state.doc_path(row["id"]), "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+    return types.upload.File(type=types.storage.FilePartial(), mtime=int(row["date"]), bytes=data)
+
+
+HANDLERS = {
+    functions.upload.SaveFilePartRequest: save_file_part,
+    functions.upload.SaveBigFilePartRequest: save_big_file_part,
+    functions.upload.GetFileRequest: get_file,
+}

@@ -1,0 +1,206 @@
+"""SimSender: Telethon's MTProtoSender answered by a simulated server.
+
+It keeps MTProtoSender's public face (connect/disconnect/is_connected/send,
+the ``disconnected`` future, keep-alive pings, the auth-key callback) so
+TelegramClient's own connect(), _call() (flood-wait handling, entity caching),
+update loop and upload/download code run unchanged. Each request is serialized
+with ``bytes(request)``, handed to a transport (``await transport.invoke(
+auth_key_id, request_name, data) -> bytes``) and its answer parsed back with
+``request.read_result``. Server errors go through Telethon's own
+``rpc_message_to_error``. A ConnectionError from the transport behaves like a
+dropped TCP connection: the sender reconnects (new transport) in the
+background and re-sends the requests that were in flight, as MTProtoSender does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Callable
+
+from telethon import helpers, utils
+from telethon.errors import rpc_message_to_error
+from telethon.extensions import BinaryReader
+from telethon.helpers import retry_range
+from telethon.network.mtprotosender import MTProtoSender
+from telethon.tl.functions import PingRequest
+from telethon.tl.types import RpcError
+
+from .errors import SimRpcError
+from .handlers import unwrap
+
+MAX_RESENDS = 10
+
+
+def request_name(request) -> str:
+    """The innermost request's class name (InvokeWithLayer etc. unwrapped)."""
+    return type(unwrap(request)).__name__
+
+
+class SimSender(MTProtoSender):
+    def __init__(self, auth_key, *, loggers, transport_factory: Callable[[], object], **kwargs):
+        super().__init__(auth_key, loggers=loggers, **kwargs)
+        self._transport_factory = transport_factory
+        self._transport = None
+        self._ready = asyncio.Event()
+        self._inflight: set[asyncio.Task] = set()
+
+    @property
+    def auth_key_id(self) -> int:
+        return self.auth_key.key_id
+
+    # -- connection lifecycle -------------------------------------------------------
+    async def connect(self, connection):
+        async with self._connect_lock:
+            if self._user_connected:
+                return False
+            self._connection = connection  # never opened; kept for code that looks at it
+            await self._open()
+            self._user_connected = True
+            self._ready.set()
+            return True
+
+    async def _open(self):
+        if not self.auth_key:
+            # No key in the session: "generate" one, as the DH exchange would.
+            self.auth_key.key = os.urandom(256)
+            if self._auth_key_callback:
+                await self._auth_key_callback(self.auth_key)
+        self._transport = self._transport_factory()
+        if self._disconnected.done():
+            self._MTProtoSender__disconnected = helpers.get_running_loop().create_future()
+
+    def _transport_connected(self):
+        return self._user_connected and not self._reconnecting and self._transport is not None
+
+    async def disconnect(self):
+        if self._reconnect_task:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        await self._disconnect()
+
+    async def _disconnect(self, error=None):
+        if not self._user_connected and self._transport is None:
+            return
+        self._user_connected = False
+        self._ready.set()  # wake waiters so they see we are gone
+        tasks, self._inflight = list(self._inflight), set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self._close_transport()
+        if not self._disconnected.done():
+            if error:
+                self._disconnected.set_exception(error)
+            else:
+                self._disconnected.set_result(None)
+
+    async def _close_transport(self):
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+    def _start_reconnect(self, error):
+        if self._user_connected and not self._reconnecting:
+            self._reconnecting = True
+            self._ready.clear()
+            self._reconnect_task = helpers.get_running_loop().create_task(self._reconnect(error))
+
+    async def _reconnect(self, last_error):
+        self._log.info("Simulated connection dropped (%s); reconnecting", type(last_error).__name__)
+        await self._close_transport()
+        retries = self._retries if self._auto_reconnect else 0
+        ok = False
+        for _attempt in retry_range(retries, force_retry=False):
+            if not self._user_connected:
+                break
+            try:
+                await self._open()
+            except (OSError, asyncio.TimeoutError) as e:
+                last_error = e
+                await asyncio.sleep(self._delay)
+            else:
+                ok = True
+                break
+        self._reconnecting = False
+        if ok:
+            self._ready.set()
+            if self._auto_reconnect_callback:
+                helpers.get_running_loop().create_task(self._auto_reconnect_callback())
+        else:
+            error = last_error.with_traceback(None) if last_error else None
+            await self._disconnect(error=error)
+
+    def _keepalive_ping(self, rnd_id):
+        future = self.send(PingRequest(rnd_id))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # -- requests ---------------------------------------------------------------------
+    def send(self, request, ordered=False):
+        if not self._user_connected:
+            raise ConnectionError("Cannot send requests while disconnected")
+        loop = helpers.get_running_loop()
+        if not utils.is_list_like(request):
+            future = loop.create_future()
+            self._spawn(self._run(request, bytes(request), future))
+            return future
+        items = [(r, bytes(r), loop.create_future()) for r in request]
+        if ordered:
+            self._spawn(self._run_ordered(items))
+        else:
+            for item in items:
+                self._spawn(self._run(*item))
+        return [future for _r, _d, future in items]
+
+    def _spawn(self, coro):
+        task = helpers.get_running_loop().create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run_ordered(self, items):
+        for request, data, future in items:
+            await self._run(request, data, future)
+
+    async def _run(self, request, data: bytes, future: asyncio.Future):
+        name = request_name(request)
+        try:
+            for _ in range(MAX_RESENDS):
+                await self._ready.wait()
+                transport = self._transport
+                if not self._user_connected or transport is None:
+                    break
+                try:
+                    body = await transport.invoke(self.auth_key_id, name, data)
+                except SimRpcError as e:
+                    _set(future, exception=rpc_message_to_error(RpcError(e.code, e.message), request))
+                    return
+                except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                    self._start_reconnect(e)
+                    continue
+                try:
+                    with BinaryReader(body) as reader:
+                        result = request.read_result(reader)
+                except Exception as e:  # e.g. TypeNotFoundError: the caller should see it
+                    _set(future, exception=e)
+                    return
+                self._store_own_updates(result)
+                _set(future, result=result)
+                return
+            _set(future, exception=ConnectionError(f"{name}: connection to the simulated Telegram lost"))
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+
+def _set(future: asyncio.Future, *, result=None, exception=None) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -1,0 +1,242 @@
+"""Persistent state of the simulated Telegram: one SQLite file (WAL) + blob dirs.
+
+SimState is not thread-safe on its own: SimWorld holds a lock around every use.
+Rows come back as ``sqlite3.Row``; they never leave the sim package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users(
+    id INTEGER PRIMARY KEY, first_name TEXT NOT NULL, username TEXT UNIQUE,
+    phone TEXT, premium INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS auth_keys(key_id INTEGER PRIMARY KEY, user_id INTEGER);
+CREATE TABLE IF NOT EXISTS channels(
+    id INTEGER PRIMARY KEY, title TEXT NOT NULL, username TEXT UNIQUE,
+    forum INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+    pts INTEGER NOT NULL DEFAULT 1, last_msg_id INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS members(
+    channel_id INTEGER, user_id INTEGER, admin INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(channel_id, user_id));
+CREATE TABLE IF NOT EXISTS topics(
+    channel_id INTEGER, id INTEGER, title TEXT NOT NULL, created REAL NOT NULL,
+    creator_id INTEGER, PRIMARY KEY(channel_id, id));
+CREATE TABLE IF NOT EXISTS messages(
+    channel_id INTEGER, id INTEGER, date REAL NOT NULL, sender_id INTEGER,
+    text TEXT NOT NULL DEFAULT '', topic_id INTEGER, reply_to_id INTEGER,
+    document_id INTEGER, action TEXT, deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(channel_id, id));
+CREATE TABLE IF NOT EXISTS documents(
+    id INTEGER PRIMARY KEY, size INTEGER NOT NULL, mime_type TEXT NOT NULL,
+    file_name TEXT NOT NULL, date REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS random_ids(
+    user_id INTEGER, random_id INTEGER, channel_id INTEGER NOT NULL,
+    message_id INTEGER NOT NULL, PRIMARY KEY(user_id, random_id));
+CREATE TABLE IF NOT EXISTS parts(
+    owner_id INTEGER, file_id INTEGER, part INTEGER, total INTEGER NOT NULL,
+    size INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY(owner_id, file_id, part));
+CREATE TABLE IF NOT EXISTS faults(id INTEGER PRIMARY KEY AUTOINCREMENT, spec TEXT NOT NULL);
+"""
+
+USER_ID_BASE = 700000000
+CHANNEL_ID_BASE = 1900000000
+DOCUMENT_ID_BASE = 5200000000000000000
+
+
+def signed64(value: int) -> int:
+    """Map any int onto the signed 64-bit range (SQLite INTEGER, TL long)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+class SimState:
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.docs_dir = self.dir / "docs"
+        self.parts_dir = self.dir / "parts"
+        self.docs_dir.mkdir(exist_ok=True)
+        self.parts_dir.mkdir(exist_ok=True)
+        self.db = sqlite3.connect(
+            self.dir / "world.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        secret = self.get_meta("secret")
+        if secret is None:
+            secret = secrets.token_hex(32)
+            self.set_meta("secret", secret)
+        self.secret = bytes.fromhex(secret)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- small helpers -----------------------------------------------------
+    def one(self, sql: str, *args):
+        return self.db.execute(sql, args).fetchone()
+
+    def all(self, sql: str, *args) -> list:
+        return self.db.execute(sql, args).fetchall()
+
+    def run(self, sql: str, *args) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    def transaction(self):
+        return _Txn(self.db)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.one("SELECT value FROM meta WHERE key=?", key)
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.run("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", key, value)
+
+    def hash_for(self, viewer_id: int, kind: str, peer_id: int) -> int:
+        """Deterministic access hash, different for every viewing account."""
+        mac = hmac.new(self.secret, f"{viewer_id}:{kind}:{peer_id}".encode(), hashlib.sha256)
+        return signed64(int.from_bytes(mac.digest()[:8], "big"))
+
+    def next_id(self, table: str, base: int) -> int:
+        row = self.one(f"SELECT MAX(id) FROM {table}")
+        return max(row[0] or 0, base) + 1
+
+    # -- users and keys ------------------------------------------------------
+    def user(self, user_id: int):
+        return self.one("SELECT * FROM users WHERE id=?", user_id)
+
+    def user_by_username(self, username: str):
+        return self.one("SELECT * FROM users WHERE lower(username)=lower(?)", username)
+
+    def user_by_phone(self, phone: str):
+        digits = "".join(c for c in phone if c.isdigit())
+        for row in self.all("SELECT * FROM users WHERE phone IS NOT NULL"):
+            if "".join(c for c in row["phone"] if c.isdigit()) == digits:
+                return row
+        return None
+
+    def user_for_key(self, key_id: int) -> int | None:
+        row = self.one("SELECT user_id FROM auth_keys WHERE key_id=?", signed64(key_id))
+        return row[0] if row else None
+
+    def bind_key(self, key_id: int, user_id: int | None) -> None:
+        self.run(
+            "INSERT OR REPLACE INTO auth_keys(key_id, user_id) VALUES(?, ?)",
+            signed64(key_id), user_id,
+        )
+
+    # -- channels ----------------------------------------------------------------
+    def channel(self, channel_id: int):
+        return self.one("SELECT * FROM channels WHERE id=?", channel_id)
+
+    def channel_by_username(self, username: str):
+        return self.one("SELECT * FROM channels WHERE lower(username)=lower(?)", username)
+
+    def member(self, channel_id: int, user_id: int):
+        return self.one(
+            "SELECT * FROM members WHERE channel_id=? AND user_id=?", channel_id, user_id
+        )
+
+    def bump_pts(self, channel_id: int, count: int = 1) -> int:
+        self.run("UPDATE channels SET pts = pts + ? WHERE id=?", count, channel_id)
+        return self.one("SELECT pts FROM channels WHERE id=?", channel_id)[0]
+
+    def new_message_id(self, channel_id: int) -> int:
+        self.run("UPDATE channels SET last_msg_id = last_msg_id + 1 WHERE id=?", channel_id)
+        return self.one("SELECT last_msg_id FROM channels WHERE id=?", channel_id)[0]
+
+    def insert_message(self, channel_id: int, *, date: float, sender_id=None, text="",
+                       topic_id=None, reply_to_id=None, document_id=None, action=None) -> int:
+        msg_id = self.new_message_id(channel_id)
+        self.run(
+            "INSERT INTO messages(channel_id, id, date, sender_id, text, topic_id, reply_to_id,"
+            " document_id, action) VALUES(?,?,?,?,?,?,?,?,?)",
+            channel_id, msg_id, date, sender_id, text, topic_id, reply_to_id, document_id,
+            json.dumps(action) if action else None,
+        )
+        self.bump_pts(channel_id)
+        return msg_id
+
+    def message(self, channel_id: int, msg_id: int):
+        return self.one("SELECT * FROM messages WHERE channel_id=? AND id=?", channel_id, msg_id)
+
+    def top_message_id(self, channel_id: int) -> int:
+        row = self.one(
+            "SELECT MAX(id) FROM messages WHERE channel_id=? AND deleted=0", channel_id
+        )
+        return row[0] or 0
+
+    # -- documents and parts -----------------------------------------------------
+    def document(self, doc_id: int):
+        return self.one("SELECT * FROM documents WHERE id=?", doc_id)
+
+    def doc_path(self, doc_id: int) -> Path:
+        return self.docs_dir / str(doc_id)
+
+    def part_path(self, owner_id: int, file_id: int, part: int) -> Path:
+        return self.parts_dir / str(owner_id) / str(file_id) / str(part)
+
+    def save_part(self, owner_id: int, file_id: int, part: int, total: int,
+                  data: bytes, now: float) -> None:
+        path = self.part_path(owner_id, file_id, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.run(
+            "INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size, created)"
+            " VALUES(?,?,?,?,?,?)",
+            owner_id, signed64(file_id), part, total, len(data), now,
+        )
+
+    def parts(self, owner_id: int, file_id: int, newer_than: float) -> dict[int, tuple[int, int]]:
+        rows = self.all(
+            "SELECT part, total, size FROM parts WHERE owner_id=? AND file_id=? AND created>=?",
+            owner_id, signed64(file_id), newer_than,
+        )
+        return {r["part"]: (r["total"], r["size"]) for r in rows}
+
+    def drop_parts(self, owner_id: int, file_id: int) -> None:
+        self.run("DELETE FROM parts WHERE owner_id=? AND file_id=?", owner_id, signed64(file_id))
+        shutil.rmtree(self.parts_dir / str(owner_id) / str(file_id), ignore_errors=True)
+
+    def prune_parts(self, older_than: float) -> int:
+        rows = self.all(
+            "SELECT DISTINCT owner_id, file_id FROM parts WHERE created<?", older_than
+        )
+        for row in rows:
+            for part in self.all(
+                "SELECT part FROM parts WHERE owner_id=? AND file_id=? AND created<?",
+                row[0], row[1], older_than,
+            ):
+                self.part_path(row[0], row[1], part[0]).unlink(missing_ok=True)
+        self.run("DELETE FROM parts WHERE created<?", older_than)
+        return len(rows)
+
+
+class _Txn:
+    """``with state.transaction():`` — BEGIN IMMEDIATE ... COMMIT / ROLLBACK."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
