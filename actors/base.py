@@ -21,7 +21,8 @@ Semantics (kept from pykka):
 - ``stop()`` (pykka's ``_ActorStop``): the actor unregisters, stops taking
   messages, lets in-flight handlers finish for up to ``stop_grace_seconds``,
   cancels the rest (their callers get ``ActorDeadError``), runs ``on_stop`` and
-  closes the loop.  Messages still queued get ``ActorDeadError``, as in pykka.
+  closes the loop (``on_teardown`` runs last, also after a failure, and may be
+  async).  Messages still queued get ``ActorDeadError``, as in pykka.
 """
 from __future__ import annotations
 
@@ -148,6 +149,13 @@ class LoopActor(pykka.ThreadingActor):
         """Async handlers currently running (read on the actor thread or approximately)."""
         return len(getattr(self, "_loop_actor_tasks", ()))
 
+    def on_teardown(self) -> Any:
+        """Last code on the loop, however the actor ended (stop, failure, failed start).
+
+        May be ``async def``.  Close loop-bound resources (clients, sockets) here:
+        ``on_failure`` cannot await.
+        """
+
     # -- the actor loop ----------------------------------------------------------------
     def _actor_loop(self) -> None:
         loop = asyncio.new_event_loop()
@@ -183,6 +191,10 @@ class LoopActor(pykka.ThreadingActor):
                 continue
             await self._dispatch(envelope)
         await self._cancel_in_flight()
+        try:
+            await _maybe_await(self.on_teardown())
+        except Exception:  # noqa: BLE001
+            _pykka_logger.error(f"on_teardown of {self} failed:", exc_info=sys.exc_info())
 
     async def _dispatch(self, envelope: Any) -> None:
         message = envelope.message

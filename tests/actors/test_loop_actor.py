@@ -271,3 +271,27 @@ def test_many_async_asks_in_flight_from_many_threads():
         t.join(T)
     assert results == list(range(8))
     assert proxy.peak.get(timeout=T) == 8
+
+
+def test_on_teardown_runs_last_after_stop_and_after_failure():
+    done = []
+    events = [threading.Event(), threading.Event()]
+
+    class Closing(Recorder):
+        async def on_teardown(self):
+            await asyncio.sleep(0)  # may await
+            done.append((threading.current_thread().name, self.actor_stopped.is_set()))
+            events[len(done) - 1].set()
+
+        def name(self):
+            return threading.current_thread().name
+
+    ref = Closing.start()
+    name = ref.proxy().name().get(timeout=T)
+    ref.stop(timeout=T)
+    assert events[0].wait(T)
+    failing = Closing.start()
+    failing.tell("fail")
+    assert events[1].wait(T)
+    assert done[0] == (name, True)
+    assert done[1][1] is True and done[1][0] != name

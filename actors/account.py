@@ -1,0 +1,494 @@
+"""AccountActor: the only owner of one Telegram session and its TelegramClient.
+
+Created, used and closed on the actor's own thread (a LoopActor: that thread runs
+the client's asyncio loop for the actor's whole life).  Handlers are ``async`` so
+many requests (e.g. a window of upload parts) are in flight at once on the loop.
+
+Start-up failures: a connection error raises from ``on_start`` (pykka stops the
+actor; the supervisor replaces it with backoff).  A session that is not
+authorized is not a transient fault: the actor stays alive in state "error",
+reports the reason in GetAccountInfo, and refuses work with
+AccountUnavailableError.
+
+FloodWait: the client's flood_sleep_threshold is 0, so every FLOOD_WAIT reaches
+here.  It is recorded in the persisted ledger (storage), counted in metrics,
+told to the optional ``listener`` actor as FloodWaitHit, and returned to the
+caller as FloodWaitError.  A request kind still cooling down per the ledger
+(loaded from storage at start, so it survives restarts) is refused locally with
+CoolingDownError without calling Telegram.
+"""
+from __future__ import annotations
+
+import mimetypes
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from loguru import logger
+from telethon import errors as tg_errors
+from telethon.tl import functions, types
+
+from actors.account_core import (
+    AccountMetrics,
+    FloodLedger,
+    bare_channel_id,
+    check_download_range,
+    check_ids,
+    json_value,
+    message_info,
+    request_kind,
+    sent_message,
+    upload_limit_bytes,
+)
+from actors.account_messages import (
+    AccountInfoResult,
+    AccountStateChanged,
+    ChannelInfo,
+    DeletedResult,
+    DeleteMessages,
+    DialogsResult,
+    DocumentSentResult,
+    DownloadRange,
+    FloodWaitHit,
+    GetAccountInfo,
+    GetDialogs,
+    GetHistory,
+    GetMessages,
+    HistoryResult,
+    ListTopics,
+    MessagesResult,
+    PartUploadedResult,
+    Pause,
+    Resume,
+    SendDocument,
+    TopicInfo,
+    TopicsResult,
+    UploadPart,
+)
+from actors.base import LoopActor
+from actors.telegram.errors import (
+    AccountPausedError,
+    AccountUnavailableError,
+    ChannelNotFoundError,
+    FilePartMissingError,
+    FloodWaitError,
+    RpcError,
+    TelegramError,
+)
+
+__all__ = ["AccountActor", "NOT_AUTHORIZED"]
+
+NOT_AUTHORIZED = "session not authorized; run stashd login {name}"
+_FLOOD_ERRORS = (
+    tg_errors.FloodWaitError,
+    tg_errors.FloodPremiumWaitError,
+    tg_errors.FloodTestPhoneWaitError,
+    tg_errors.SlowModeWaitError,
+)
+
+
+class AccountActor(LoopActor):
+    """One Telegram account.  See module doc and actors.account_messages."""
+
+    def __init__(
+        self,
+        name: str,
+        session_path: Path | str,
+        settings: Any,
+        storage: Any,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        listener: Any = None,
+        client_factory: Callable[[], Any] | None = None,
+        paused: bool = False,
+    ):
+        super().__init__()
+        self.name = name
+        self._session_path = Path(session_path)
+        self._settings = settings
+        self._storage = storage
+        self._clock = clock
+        self._listener = listener
+        self._client_factory = client_factory
+        self._start_paused = paused
+        self._metrics = AccountMetrics(metrics, name)
+        self._ledger = FloodLedger(clock)
+        self._log = logger.bind(actor="account", account=name)
+        self._client: Any = None
+        self._state = "starting"
+        self._error: str | None = None
+        self._user_id: int | None = None
+        self._premium: bool | None = None
+        self._limit: int | None = None
+        self._phone_redacted: str | None = None
+        self._peers: dict[int, Any] = {}
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            GetAccountInfo: self._info,
+            GetDialogs: self._dialogs,
+            GetHistory: self._history,
+            ListTopics: self._topics,
+            DownloadRange: self._download,
+            UploadPart: self._upload_part,
+            SendDocument: self._send_document,
+            GetMessages: self._get_messages,
+            DeleteMessages: self._delete_messages,
+            Pause: self._pause,
+            Resume: self._resume,
+        }
+
+    def __str__(self) -> str:
+        return f"AccountActor({self.name})"
+
+    # -- life cycle --------------------------------------------------------------------
+    async def on_start(self) -> None:
+        self._set_state("starting")
+        self._ledger.load(self._storage.active_flood_waits(self.name))
+        record = self._storage.get_account(self.name)
+        paused = self._start_paused or (record is not None and record.state == "paused")
+        if self._client_factory is not None:
+            self._client = self._client_factory()
+        else:
+            from actors.telegram.client import build_client
+
+            self._client = build_client(self._settings, self._session_path)
+        await self._client.connect()  # connection errors raise: the supervisor retries
+        if not await self._client.is_user_authorized():
+            self._error = NOT_AUTHORIZED.format(name=self.name)
+            self._log.error("{}", self._error)
+            self._set_state("error")
+            return
+        me = await self._request("GetUsersRequest", self._client.get_me)
+        self._user_id, self._premium = me.id, bool(getattr(me, "premium", False))
+        app_config: dict = {}
+        try:
+            raw = await self._request(
+                "GetAppConfigRequest", lambda: self._client(functions.help.GetAppConfigRequest(hash=0))
+            )
+            app_config = json_value(getattr(raw, "config", None)) or {}
+        except TelegramError as exc:
+            self._log.warning("help.getAppConfig failed ({}); using default part limits", exc)
+        margin = self._settings.telegram.upload_limit_margin_bytes
+        self._limit = upload_limit_bytes(app_config, self._premium, margin)
+        state = "paused" if paused else "ready"
+        saved = self._storage.upsert_account(
+            self.name,
+            user_id=self._user_id,
+            phone=getattr(me, "phone", None),
+            premium=self._premium,
+            upload_limit_bytes=self._limit,
+            state=state,
+        )
+        self._phone_redacted = saved.phone_redacted
+        self._set_state(state, persist=False)
+        self._log.info(
+            "account ready: user {} premium={} upload limit {} B, state {}",
+            self._user_id, self._premium, self._limit, state,
+        )
+
+    def on_stop(self) -> None:
+        if self._state != "paused" and self._state != "error":
+            self._set_state("stopped")
+
+    def on_failure(self, exc_type, exc_value, tb) -> None:
+        self._log.opt(exception=(exc_type, exc_value, tb)).error("account actor failed")
+
+    async def on_teardown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.disconnect()
+            except Exception as exc:  # noqa: BLE001 - closing must not mask the ending
+                self._log.warning("disconnect failed: {!r}", exc)
+
+    # -- dispatch ----------------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            raise TypeError(f"{self} does not handle {type(message).__name__}")
+        return handler(message)
+
+    # -- state -------------------------------------------------------------------------
+    def _set_state(self, state: str, *, persist: bool = True) -> None:
+        self._state = state
+        if persist:
+            try:
+                self._storage.set_account_state(self.name, state)
+            except Exception as exc:  # noqa: BLE001 - e.g. account row not created yet
+                self._storage.upsert_account(self.name, state=state)
+                self._log.debug("set_account_state fell back to upsert: {!r}", exc)
+        self._metrics.state(state)
+        if self._listener is not None:
+            try:
+                self._listener.tell(AccountStateChanged(self.name, state))
+            except Exception:  # noqa: BLE001 - a dead listener must not stop the account
+                pass
+
+    def _ensure_working(self) -> None:
+        if self._state == "error":
+            raise AccountUnavailableError(self.name, self._error or "error")
+        if self._state == "paused":
+            raise AccountPausedError(self.name)
+        if self._client is None or self._state not in ("ready", "cooling_down"):
+            raise AccountUnavailableError(self.name, f"state {self._state}")
+
+    def _info(self, _msg: GetAccountInfo) -> AccountInfoResult:
+        return AccountInfoResult(
+            name=self.name,
+            user_id=self._user_id,
+            premium=self._premium,
+            upload_limit_bytes=self._limit,
+            phone_redacted=self._phone_redacted,
+            state=self._state,
+            flood_waits=tuple(self._ledger.active().items()),
+            error=self._error,
+        )
+
+    def _pause(self, _msg: Pause) -> AccountInfoResult:
+        if self._state == "error":
+            raise AccountUnavailableError(self.name, self._error or "error")
+        if self._state != "paused":
+            self._set_state("paused")
+            self._log.info("paused")
+        return self._info(GetAccountInfo())
+
+    def _resume(self, _msg: Resume) -> AccountInfoResult:
+        if self._state == "error":
+            raise AccountUnavailableError(self.name, self._error or "error")
+        if self._state == "paused":
+            self._set_state("ready")
+            self._log.info("resumed")
+        return self._info(GetAccountInfo())
+
+    # -- the one path every Telegram call takes ----------------------------------------
+    async def _request(self, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        self._ledger.check(kind)
+        try:
+            result = await call()
+        except _FLOOD_ERRORS as exc:
+            req = getattr(exc, "request", None)
+            self._forget_telethon_flood(req)
+            raise self._flooded(request_kind(req) if req is not None else kind, exc.seconds) from None
+        except tg_errors.FilePartMissingError as exc:
+            self._metrics.request(kind, "error")
+            raise FilePartMissingError(kind, exc.which) from None
+        except tg_errors.RPCError as exc:
+            self._metrics.request(kind, "error")
+            raise RpcError(kind, exc.code, exc.message) from None
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self._metrics.request(kind, "error")
+            raise RpcError(kind, None, f"connection failed: {exc!r}") from None
+        self._metrics.request(kind, "ok")
+        return result
+
+    async def _raw(self, request: Any) -> Any:
+        return await self._request(request_kind(request), lambda: self._client(request))
+
+    def _flooded(self, kind: str, seconds: float) -> FloodWaitError:
+        until = self._ledger.record(kind, seconds)
+        self._storage.record_flood_wait(self.name, kind, max(float(seconds), 1.0))
+        self._metrics.request(kind, "flood")
+        self._metrics.flood(kind, seconds)
+        self._log.warning("FloodWait {} s on {} (until {:.0f})", seconds, kind, until)
+        if self._listener is not None:
+            try:
+                self._listener.tell(FloodWaitHit(self.name, kind, float(seconds), until))
+            except Exception:  # noqa: BLE001
+                pass
+        return FloodWaitError(kind, float(seconds), until)
+
+    def _forget_telethon_flood(self, request: Any) -> None:
+        """Telethon keeps its own in-memory wait per constructor (wall clock): our
+        ledger (persisted, injected clock) is the one authority, so drop Telethon's."""
+        waited = getattr(self._client, "_flood_waited_requests", None)
+        if waited is not None and request is not None:
+            waited.pop(getattr(request, "CONSTRUCTOR_ID", None), None)
+
+    # -- channels ----------------------------------------------------------------------
+    async def _entity(self, channel: int | str) -> Any:
+        if isinstance(channel, str) and not channel.lstrip("-").isdigit():
+            username = channel.lstrip("@")
+
+            async def resolve() -> Any:
+                try:
+                    return await self._client.get_input_entity(username)
+                except ValueError:
+                    raise ChannelNotFoundError(channel) from None
+
+            return await self._request("ResolveUsernameRequest", resolve)
+        cid = bare_channel_id(int(channel))
+        peer = self._cached_peer(cid)
+        if peer is None:
+            await self._load_dialogs()  # an unseen id: learn access hashes from dialogs once
+            peer = self._cached_peer(cid)
+        if peer is None:
+            raise ChannelNotFoundError(channel)
+        return peer
+
+    def _cached_peer(self, cid: int) -> Any:
+        peer = self._peers.get(cid)
+        if peer is not None:
+            return peer
+        try:
+            peer = self._client.session.get_input_entity(types.PeerChannel(cid))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if isinstance(peer, types.InputPeerChannel):
+            self._peers[cid] = peer
+            return peer
+        return None
+
+    async def _load_dialogs(self) -> list[ChannelInfo]:
+        dialogs = await self._request("GetDialogsRequest", self._client.get_dialogs)
+        channels = []
+        for dialog in dialogs:
+            ent = dialog.entity
+            if not isinstance(ent, types.Channel):
+                continue
+            self._peers[ent.id] = types.InputPeerChannel(ent.id, ent.access_hash or 0)
+            info = ChannelInfo(
+                channel_id=ent.id,
+                title=ent.title or "",
+                username=ent.username,
+                is_forum=bool(getattr(ent, "forum", False)),
+                is_admin=bool(ent.creator or ent.admin_rights is not None),
+            )
+            channels.append(info)
+            self._storage.upsert_channel(
+                info.channel_id, title=info.title, username=info.username,
+                is_forum=info.is_forum, seen_by=self.name,
+            )
+        return channels
+
+    # -- handlers ----------------------------------------------------------------------
+    async def _dialogs(self, _msg: GetDialogs) -> DialogsResult:
+        self._ensure_working()
+        channels = await self._load_dialogs()
+        return DialogsResult(tuple(sorted(channels, key=lambda c: c.channel_id)))
+
+    async def _history(self, msg: GetHistory) -> HistoryResult:
+        self._ensure_working()
+        if not 1 <= msg.limit <= 100:
+            raise ValueError(f"limit {msg.limit}: 1..100 messages per page")
+        entity = await self._entity(msg.channel)
+        kind = "GetRepliesRequest" if msg.topic_id else "GetHistoryRequest"
+
+        async def fetch() -> list:
+            return [
+                m
+                async for m in self._client.iter_messages(
+                    entity, min_id=msg.since_id, reverse=True, limit=msg.limit, reply_to=msg.topic_id
+                )
+            ]
+
+        found = await self._request(kind, fetch)
+        found = [m for m in found if m.id > msg.since_id]
+        infos = sorted(
+            (message_info(m, msg.topic_id) for m in found if isinstance(m, types.Message)),
+            key=lambda i: i.id,
+        )
+        next_since = max((m.id for m in found), default=msg.since_id)
+        return HistoryResult(tuple(infos), next_since)
+
+    async def _topics(self, msg: ListTopics) -> TopicsResult:
+        self._ensure_working()
+        entity = await self._entity(msg.channel)
+        res = await self._raw(
+            functions.messages.GetForumTopicsRequest(
+                peer=entity, offset_date=None, offset_id=0, offset_topic=0, limit=100
+            )
+        )
+        topics = tuple(
+            TopicInfo(t.id, t.title) for t in res.topics if isinstance(t, types.ForumTopic)
+        )
+        return TopicsResult(topics)
+
+    async def _download(self, msg: DownloadRange) -> bytes:
+        self._ensure_working()
+        check_download_range(msg.offset, msg.limit)
+        doc = msg.document
+        location = types.InputDocumentFileLocation(
+            id=doc.id, access_hash=doc.access_hash, file_reference=doc.file_reference, thumb_size=""
+        )
+        request = functions.upload.GetFileRequest(location=location, offset=msg.offset, limit=msg.limit)
+        home = getattr(self._client.session, "dc_id", None)
+        if not doc.dc_id or home is None or doc.dc_id == home:
+            result = await self._raw(request)
+        else:  # the document lives in another DC: Telethon's exported sender for it
+            client = self._client
+
+            async def call_other_dc() -> Any:
+                sender = await client._borrow_exported_sender(doc.dc_id)
+                try:
+                    return await client._call(sender, request)
+                finally:
+                    await client._return_exported_sender(sender)
+
+            result = await self._request("GetFileRequest", call_other_dc)
+        if not isinstance(result, types.upload.File):
+            raise RpcError("GetFileRequest", None, f"unsupported reply {type(result).__name__}")
+        return bytes(result.bytes)
+
+    async def _upload_part(self, msg: UploadPart) -> PartUploadedResult:
+        self._ensure_working()
+        if msg.big:
+            request = functions.upload.SaveBigFilePartRequest(
+                file_id=msg.file_id, file_part=msg.index, file_total_parts=msg.total, bytes=msg.data
+            )
+        else:
+            request = functions.upload.SaveFilePartRequest(
+                file_id=msg.file_id, file_part=msg.index, bytes=msg.data
+            )
+        ok = await self._raw(request)
+        if not ok:
+            raise RpcError(request_kind(request), None, f"part {msg.index} refused")
+        return PartUploadedResult(msg.file_id, msg.index, len(msg.data))
+
+    async def _send_document(self, msg: SendDocument) -> DocumentSentResult:
+        self._ensure_working()
+        entity = await self._entity(msg.channel)
+        if msg.big:
+            file = types.InputFileBig(id=msg.file_id, parts=msg.total_parts, name=msg.file_name)
+        else:
+            file = types.InputFile(
+                id=msg.file_id, parts=msg.total_parts, name=msg.file_name, md5_checksum=msg.md5 or ""
+            )
+        mime = msg.mime_type or mimetypes.guess_type(msg.file_name)[0] or "application/octet-stream"
+        media = types.InputMediaUploadedDocument(
+            file=file,
+            mime_type=mime,
+            attributes=[types.DocumentAttributeFilename(file_name=msg.file_name)],
+            force_file=True,
+        )
+        reply_to = types.InputReplyToMessage(reply_to_msg_id=msg.topic_id) if msg.topic_id else None
+        request = functions.messages.SendMediaRequest(
+            peer=entity, media=media, message=msg.caption, random_id=msg.random_id, reply_to=reply_to
+        )
+        updates = await self._raw(request)
+        msg_id, message = sent_message(updates, msg.random_id)
+        if msg_id is None:
+            raise RpcError("SendMediaRequest", None, "no message id in the reply")
+        info = message_info(message) if message is not None else None
+        return DocumentSentResult(
+            message_id=msg_id,
+            document_id=info.document.id if info and info.document else None,
+            date=info.date if info else self._clock(),
+        )
+
+    async def _get_messages(self, msg: GetMessages) -> MessagesResult:
+        self._ensure_working()
+        ids = check_ids(msg.ids)
+        entity = await self._entity(msg.channel)
+        found = await self._request(
+            "GetMessagesRequest", lambda: self._client.get_messages(entity, ids=ids)
+        )
+        return MessagesResult(tuple(message_info(m) for m in found))
+
+    async def _delete_messages(self, msg: DeleteMessages) -> DeletedResult:
+        self._ensure_working()
+        ids = check_ids(msg.ids)
+        entity = await self._entity(msg.channel)
+        affected = await self._request(
+            "DeleteMessagesRequest", lambda: self._client.delete_messages(entity, ids, revoke=True)
+        )
+        return DeletedResult(sum(getattr(a, "pts_count", 0) for a in affected))

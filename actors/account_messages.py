@@ -1,0 +1,196 @@
+"""Messages an AccountActor receives, its replies (ending in Result) and its events.
+
+All frozen: pykka does not copy messages.  Channels are given as an int id
+(bare, or marked -100...) or a username string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ChannelRef = int | str
+
+
+# -- values --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DocumentInfo:
+    id: int
+    access_hash: int
+    file_reference: bytes = field(repr=False)
+    size: int
+    file_name: str | None
+    mime_type: str
+    dc_id: int
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    id: int
+    date: float  # epoch seconds
+    text: str
+    document: DocumentInfo | None
+    topic_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ChannelInfo:
+    channel_id: int  # bare (positive) channel id
+    title: str
+    username: str | None
+    is_forum: bool
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    topic_id: int
+    title: str
+
+
+# -- commands --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GetAccountInfo:
+    pass
+
+
+@dataclass(frozen=True)
+class GetDialogs:
+    pass
+
+
+@dataclass(frozen=True)
+class GetHistory:
+    channel: ChannelRef
+    topic_id: int | None = None
+    since_id: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class ListTopics:
+    channel: ChannelRef
+
+
+@dataclass(frozen=True)
+class DownloadRange:
+    """Replied with the bytes (shorter than limit at the end of the file)."""
+
+    document: DocumentInfo
+    offset: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    file_id: int
+    index: int
+    total: int
+    data: bytes = field(repr=False)
+    big: bool
+
+    def __str__(self) -> str:
+        return f"UploadPart(file_id={self.file_id}, index={self.index}/{self.total}, {len(self.data)} B)"
+
+
+@dataclass(frozen=True)
+class SendDocument:
+    channel: ChannelRef
+    file_id: int
+    total_parts: int
+    big: bool
+    file_name: str
+    size: int
+    caption: str
+    random_id: int
+    md5: str | None = None
+    topic_id: int | None = None
+    mime_type: str | None = None
+
+
+@dataclass(frozen=True)
+class GetMessages:
+    channel: ChannelRef
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DeleteMessages:
+    channel: ChannelRef
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+# -- replies ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AccountInfoResult:
+    name: str
+    user_id: int | None
+    premium: bool | None
+    upload_limit_bytes: int | None
+    phone_redacted: str | None
+    state: str
+    flood_waits: tuple[tuple[str, float], ...]  # (request kind, until), sorted by kind
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DialogsResult:
+    channels: tuple[ChannelInfo, ...]
+
+
+@dataclass(frozen=True)
+class HistoryResult:
+    messages: tuple[MessageInfo, ...]  # ascending by id
+    next_since_id: int
+
+
+@dataclass(frozen=True)
+class TopicsResult:
+    topics: tuple[TopicInfo, ...]
+
+
+@dataclass(frozen=True)
+class PartUploadedResult:
+    file_id: int
+    index: int
+    size: int
+
+
+@dataclass(frozen=True)
+class DocumentSentResult:
+    message_id: int
+    document_id: int | None
+    date: float
+
+
+@dataclass(frozen=True)
+class MessagesResult:
+    messages: tuple[MessageInfo | None, ...]  # in request order, None = missing/deleted
+
+
+@dataclass(frozen=True)
+class DeletedResult:
+    count: int
+
+
+# -- events (told to the optional listener) --------------------------------------------
+@dataclass(frozen=True)
+class FloodWaitHit:
+    account: str
+    kind: str
+    seconds: float
+    until: float
+
+
+@dataclass(frozen=True)
+class AccountStateChanged:
+    account: str
+    state: str
