@@ -1,0 +1,461 @@
+"""Transfer manifests: the plan of one transfer, written before the first byte.
+
+A manifest is a versioned msgpack document that fixes everything a retry or a
+restart must reuse exactly: the source file (path, size, mtime, sha256), the
+split plan (one Telegram document per part, each with its offset, length,
+sha256 and 1 MiB block hashes for deep verification), the client-side upload
+``file_id`` and the ``random_id`` of ``messages.sendMedia`` of every part, and
+the captions with their marker.
+
+On disk the file is an envelope ``{"format", "version", "sha256", "body"}``
+whose ``body`` is the packed manifest and ``sha256`` its digest, so a flipped
+bit is detected and the version can be read before the body is trusted.
+It is written atomically (temp file in the same directory, write, flush,
+fsync, rename, fsync of the directory): a crash leaves either the old
+manifest or the new one, never a mix.
+
+Every failure to read a manifest is a :class:`ManifestError` with a message
+that says which file and what is wrong; nothing else escapes ``read_manifest``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from storage.errors import StorageError
+
+MANIFEST_VERSION = 1
+MANIFEST_FORMAT = "stashd-manifest"
+UPLOAD_CHUNK_SIZE = 512 * 1024        # Telegram upload part size
+HASH_BLOCK_SIZE = 1024 * 1024         # block hashes: one sha256 per MiB of a part
+CAPTION_LIMIT = 1024                  # Telegram caption cap for regular accounts
+MARKER_PREFIX = "#stashd:"
+_MARKER_RE = re.compile(r"#stashd:([0-9a-f-]{36}):(\d+)/(\d+)")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class ManifestError(StorageError):
+    """Base class: a manifest cannot be built, read or trusted."""
+
+
+class ManifestNotFoundError(ManifestError):
+    """The manifest file does not exist."""
+
+
+class ManifestCorruptError(ManifestError):
+    """The file is truncated, not msgpack, or fails its checksum."""
+
+
+class ManifestVersionError(ManifestError):
+    """The manifest was written by a newer stashd."""
+
+    def __init__(self, path, version: int):
+        self.version = version
+        super().__init__(
+            f"{path}: manifest version {version} is newer than supported "
+            f"{MANIFEST_VERSION}; upgrade stashd"
+        )
+
+
+class ManifestShapeError(ManifestError):
+    """Valid msgpack, but fields are missing, mistyped or inconsistent."""
+
+
+class SourceError(ManifestError):
+    """The source file cannot be planned (empty, unreadable, changed while hashed)."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str  # hex
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    index: int            # 0-based; captions and file names count from 1
+    offset: int
+    length: int
+    sha256: str           # hex digest of the part's bytes
+    file_name: str        # "name.001" when split, else the original name
+    file_id: int          # client-side upload file id (int64), chosen once
+    random_id: int        # sendMedia random_id (int64), chosen once
+    caption: str
+    chunk_hashes: tuple[bytes, ...]  # sha256 of each 1 MiB block of the part
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def upload_parts(self) -> int:
+        """Number of 512 KiB upload calls this document needs."""
+        return -(-self.length // UPLOAD_CHUNK_SIZE)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    transfer_id: str
+    sources: tuple[SourceFile, ...]
+    total_size: int
+    sha256: str
+    chunk_size: int
+    parts: tuple[PartPlan, ...]
+    caption_marker: str   # "#stashd:<transfer_id>": search key for adoption
+    destination: str
+    created_at: float
+
+    @property
+    def split(self) -> bool:
+        return len(self.parts) > 1
+
+    def with_part(self, part_index: int, **changes) -> Manifest:
+        parts = list(self.parts)
+        parts[part_index] = dataclasses.replace(parts[part_index], **changes)
+        return dataclasses.replace(self, parts=tuple(parts))
+
+    def with_random_id(self, part_index: int, new_random_id: int) -> Manifest:
+        """For a re-upload after the message was lost: a fresh random_id."""
+        _check_int64("random_id", new_random_id)
+        return self.with_part(part_index, random_id=new_random_id)
+
+    def with_file_id(self, part_index: int, new_file_id: int) -> Manifest:
+        _check_int64("file_id", new_file_id)
+        return self.with_part(part_index, file_id=new_file_id)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_split(size: int, limit_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of each document for a file of ``size`` bytes.
+
+    Every part but the last is the largest multiple of 512 KiB not above
+    ``limit_bytes``; the parts are contiguous and cover ``[0, size)``.
+    An empty file has no parts.
+    """
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    if limit_bytes < UPLOAD_CHUNK_SIZE:
+        raise ValueError(f"limit_bytes must be at least {UPLOAD_CHUNK_SIZE}, got {limit_bytes}")
+    step = limit_bytes // UPLOAD_CHUNK_SIZE * UPLOAD_CHUNK_SIZE
+    return [(off, min(step, size - off)) for off in range(0, size, step)]
+
+
+def random_int64(rng=secrets) -> int:
+    """A non-zero signed 64-bit id (Telegram's ``long``)."""
+    while True:
+        value = _randbits(rng, 64)
+        if value:
+            return value - 2**64 if value >= 2**63 else value
+
+
+def _randbits(rng, k: int) -> int:
+    """``secrets`` has randbits, ``random.Random`` getrandbits: take either."""
+    return (getattr(rng, "getrandbits", None) or rng.randbits)(k)
+
+
+def part_marker(caption_marker: str, index: int, count: int) -> str:
+    return f"{caption_marker}:{index + 1}/{count}"
+
+
+def parse_marker(text: str) -> tuple[str, int, int] | None:
+    """(transfer_id, 0-based part index, part count) found in a caption, or None."""
+    m = _MARKER_RE.search(text or "")
+    if not m:
+        return None
+    number, count = int(m.group(2)), int(m.group(3))
+    if not 1 <= number <= count:
+        return None
+    return m.group(1), number - 1, count
+
+
+def part_file_name(name: str, index: int, count: int) -> str:
+    if count == 1:
+        return name
+    return f"{name}.{index + 1:0{max(3, len(str(count)))}d}"
+
+
+def _caption(user_caption: str | None, marker: str) -> str:
+    if not user_caption:
+        return marker
+    room = CAPTION_LIMIT - len(marker) - 1
+    text = user_caption if len(user_caption) <= room else user_caption[: room - 1] + "…"
+    return f"{text}\n{marker}"
+
+
+def build_manifest(path, destination: str, limit_bytes: int, caption: str | None = None,
+                   *, rng=secrets, clock=time.time) -> Manifest:
+    """Plan a transfer of one file, reading it once (hashes of file, parts, blocks).
+
+    Raises :class:`SourceError` when the file is missing, empty, or changes
+    while it is read.
+    """
+    path = Path(path)
+    try:
+        before = path.stat()
+        spans = plan_split(before.st_size, limit_bytes)
+        if not spans:
+            raise SourceError(f"{path}: file is empty; Telegram refuses empty documents")
+        whole = hashlib.sha256()
+        hashed = []
+        with open(path, "rb") as fh:
+            for offset, length in spans:
+                part_hash, blocks = hashlib.sha256(), []
+                remaining = length
+                while remaining:
+                    block = fh.read(min(HASH_BLOCK_SIZE, remaining))
+                    if not block:
+                        raise SourceError(f"{path}: file shrank while it was read")
+                    # a short read is possible in theory; top the block up
+                    while len(block) < min(HASH_BLOCK_SIZE, remaining):
+                        more = fh.read(min(HASH_BLOCK_SIZE, remaining) - len(block))
+                        if not more:
+                            raise SourceError(f"{path}: file shrank while it was read")
+                        block += more
+                    remaining -= len(block)
+                    whole.update(block)
+                    part_hash.update(block)
+                    blocks.append(hashlib.sha256(block).digest())
+                hashed.append((offset, length, part_hash.hexdigest(), tuple(blocks)))
+        after = path.stat()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read source: {exc.strerror or exc}") from exc
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise SourceError(f"{path}: file changed while it was read; try again when it is complete")
+
+    transfer_id = str(uuid.UUID(int=_randbits(rng, 128), version=4))
+    marker = f"{MARKER_PREFIX}{transfer_id}"
+    count = len(hashed)
+    parts = tuple(
+        PartPlan(
+            index=i, offset=offset, length=length, sha256=digest,
+            file_name=part_file_name(path.name, i, count),
+            file_id=random_int64(rng), random_id=random_int64(rng),
+            caption=_caption(caption, part_marker(marker, i, count)),
+            chunk_hashes=blocks,
+        )
+        for i, (offset, length, digest, blocks) in enumerate(hashed)
+    )
+    return Manifest(
+        version=MANIFEST_VERSION, transfer_id=transfer_id,
+        sources=(SourceFile(str(path.resolve()), before.st_size, before.st_mtime_ns, whole.hexdigest()),),
+        total_size=before.st_size, sha256=whole.hexdigest(), chunk_size=UPLOAD_CHUNK_SIZE,
+        parts=parts, caption_marker=marker, destination=destination, created_at=float(clock()),
+    )
+
+
+def _check_int64(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name} must be a signed 64-bit integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def encode_body(m: Manifest) -> bytes:
+    return msgpack.packb({
+        "transfer_id": m.transfer_id,
+        "sources": [dataclasses.asdict(s) for s in m.sources],
+        "total_size": m.total_size, "sha256": m.sha256, "chunk_size": m.chunk_size,
+        "parts": [{**dataclasses.asdict(p), "chunk_hashes": list(p.chunk_hashes)} for p in m.parts],
+        "caption_marker": m.caption_marker, "destination": m.destination,
+        "created_at": m.created_at,
+    }, use_bin_type=True)
+
+
+def decode_body(body: bytes, version: int, source="manifest") -> Manifest:
+    try:
+        doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ManifestCorruptError(f"{source}: manifest body unreadable ({type(exc).__name__})") from None
+    get = _Getter(source)
+    sources = tuple(
+        SourceFile(get(s, "path", str, f"sources[{i}]"), get(s, "size", int, f"sources[{i}]"),
+                   get(s, "mtime_ns", int, f"sources[{i}]"), get(s, "sha256", str, f"sources[{i}]"))
+        for i, s in enumerate(get(doc, "sources", list, "manifest"))
+    )
+    parts = tuple(_decode_part(get, p, i) for i, p in enumerate(get(doc, "parts", list, "manifest")))
+    m = Manifest(
+        version=version, transfer_id=get(doc, "transfer_id", str, "manifest"), sources=sources,
+        total_size=get(doc, "total_size", int, "manifest"), sha256=get(doc, "sha256", str, "manifest"),
+        chunk_size=get(doc, "chunk_size", int, "manifest"), parts=parts,
+        caption_marker=get(doc, "caption_marker", str, "manifest"),
+        destination=get(doc, "destination", str, "manifest"),
+        created_at=float(get(doc, "created_at", float, "manifest")),
+    )
+    _check_consistent(m, source)
+    return m
+
+
+def _decode_part(get, p, i: int) -> PartPlan:
+    where = f"parts[{i}]"
+    hashes = get(p, "chunk_hashes", list, where)
+    if not all(isinstance(h, bytes) and len(h) == 32 for h in hashes):
+        raise ManifestShapeError(f"{get.source}: {where}.chunk_hashes: expected 32-byte digests")
+    return PartPlan(
+        index=get(p, "index", int, where), offset=get(p, "offset", int, where),
+        length=get(p, "length", int, where), sha256=get(p, "sha256", str, where),
+        file_name=get(p, "file_name", str, where), file_id=get(p, "file_id", int, where),
+        random_id=get(p, "random_id", int, where), caption=get(p, "caption", str, where),
+        chunk_hashes=tuple(hashes),
+    )
+
+
+class _Getter:
+    """Typed field access that turns every surprise into a ManifestShapeError."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, obj, key, kind, where):
+        if not isinstance(obj, dict):
+            raise ManifestShapeError(f"{self.source}: {where}: expected a map, got {type(obj).__name__}")
+        if key not in obj:
+            raise ManifestShapeError(f"{self.source}: {where}.{key}: missing")
+        value = obj[key]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ManifestShapeError(
+                f"{self.source}: {where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_consistent(m: Manifest, source) -> None:
+    def bad(msg):
+        raise ManifestShapeError(f"{source}: {msg}")
+
+    try:
+        uuid.UUID(m.transfer_id)
+    except ValueError:
+        bad(f"transfer_id {m.transfer_id!r} is not a UUID")
+    if not m.sources or sum(s.size for s in m.sources) != m.total_size:
+        bad("sources do not add up to total_size")
+    if not m.parts or m.chunk_size <= 0:
+        bad("no parts or invalid chunk_size")
+    if not all(_HEX64.fullmatch(h) for h in [m.sha256, *(s.sha256 for s in m.sources),
+                                             *(p.sha256 for p in m.parts)]):
+        bad("sha256 fields must be 64 lowercase hex digits")
+    offset = 0
+    for i, p in enumerate(m.parts):
+        if p.index != i or p.offset != offset or p.length <= 0:
+            bad(f"parts[{i}]: split plan is not contiguous (index {p.index}, offset {p.offset}, length {p.length})")
+        if len(p.chunk_hashes) != -(-p.length // HASH_BLOCK_SIZE):
+            bad(f"parts[{i}]: {len(p.chunk_hashes)} block hashes for {p.length} bytes")
+        if not (_INT64_MIN <= p.file_id <= _INT64_MAX and _INT64_MIN <= p.random_id <= _INT64_MAX):
+            bad(f"parts[{i}]: file_id/random_id out of int64 range")
+        offset += p.length
+    if offset != m.total_size:
+        bad(f"parts cover {offset} bytes, total_size is {m.total_size}")
+
+
+# --------------------------------------------------------------------------- on disk
+
+def pack_manifest(manifest: Manifest) -> bytes:
+    body = encode_body(manifest)
+    return msgpack.packb(
+        {"format": MANIFEST_FORMAT, "version": manifest.version,
+         "sha256": hashlib.sha256(body).digest(), "body": body},
+        use_bin_type=True,
+    )
+
+
+def unpack_manifest(data: bytes, source="manifest") -> Manifest:
+    """Decode bytes written by :func:`pack_manifest`; only ManifestError escapes."""
+    try:
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types for bad input
+        raise ManifestCorruptError(f"{source}: not a readable manifest (truncated or corrupt: {type(exc).__name__})") from None
+    if not isinstance(envelope, dict) or envelope.get("format") != MANIFEST_FORMAT:
+        raise ManifestCorruptError(f"{source}: not a stashd manifest")
+    version, body, digest = envelope.get("version"), envelope.get("body"), envelope.get("sha256")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestShapeError(f"{source}: manifest version {version!r} is invalid")
+    if version > MANIFEST_VERSION:
+        raise ManifestVersionError(source, version)
+    if not isinstance(body, bytes) or not isinstance(digest, bytes):
+        raise ManifestShapeError(f"{source}: manifest envelope lacks body or checksum")
+    if hashlib.sha256(body).digest() != digest:
+        raise ManifestCorruptError(f"{source}: manifest checksum mismatch (file is corrupt)")
+    return decode_body(body, version, source)
+
+
+def write_manifest(manifest: Manifest, path) -> Path:
+    """Atomically replace ``path`` with ``manifest`` (mode 0600)."""
+    path = Path(path)
+    tmp = _write_temp(pack_manifest(manifest), path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _write_temp(data: bytes, path: Path) -> Path:
+    """Write and fsync ``data`` to a fresh temp file beside ``path``."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path) -> Manifest:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestNotFoundError(f"{path}: manifest not found") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from None
+    return unpack_manifest(data, path)
+
+
+def discard_stale_temps(path) -> int:
+    """Remove temp files a crash left beside ``path``; returns how many."""
+    path = Path(path)
+    removed = 0
+    for stray in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        stray.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
