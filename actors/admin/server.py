@@ -132,17 +132,16 @@ class AdminServer:
             pass
         if self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout)
+        me = threading.current_thread()  # stop() may come from a command handler
         with self._lock:
-            conns = list(self._conns.items())
+            conns = [(t, c) for t, c in self._conns.items() if t is not me]
         for _, conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        me = threading.current_thread()
         for thread, _ in conns:
-            if thread is not me:
-                thread.join(timeout)
+            thread.join(timeout)
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
