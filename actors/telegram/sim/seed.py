@@ -106,7 +106,7 @@ class _Seeder:
 
     def _find(self, kind: str, **match: Any) -> dict | None:
         for record in self.snapshot.get(kind, []):
-            if all(_norm(record.get(k)) == _norm(v) for k, v in match.items()):
+            if all(_norm(_value(record, k)) == _norm(v) for k, v in match.items()):
                 return record
         return None
 
@@ -123,14 +123,16 @@ class _Seeder:
             auth_key = None
         if user.session and not session_path.exists():
             if auth_key is None:
-                auth_key = self.world.new_auth_key(user_id)
+                auth_key = self.world.add_auth_key(user_id)
             self._write_session(session_path, auth_key)
         return user_id
 
     def _write_session(self, path: Path, auth_key: bytes) -> None:
-        from actors.telegram.sim.client import write_session_file
+        from actors.telegram.sim.world import write_session_file
 
-        write_session_file(path, auth_key)
+        world = self.world
+        write_session_file(path, auth_key, dc_id=getattr(world, "dc_id", 2),
+                           host=getattr(world, "host", "127.0.0.1"), port=getattr(world, "port", 443))
         path.chmod(0o600)
         self.created["sessions"] += 1
 
@@ -168,6 +170,13 @@ class _Seeder:
             return
         self.created["messages"] += 1
         self.world.post_text(channel_id, sender_id, text)
+
+
+def _value(record: dict, key: str) -> Any:
+    """A field of an ``inspect()`` record; ``file_name`` also looks into ``document``."""
+    if key == "file_name" and "file_name" not in record:
+        return (record.get("document") or {}).get("file_name")
+    return record.get(key)
 
 
 def _norm(value: Any) -> Any:

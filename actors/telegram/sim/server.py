@@ -103,8 +103,20 @@ def find_topic(snapshot: dict, channel_id: int, name: str | int) -> dict:
     raise LookupError(f"no topic {wanted!r} in channel {channel_id}")
 
 
+def present_message(message: dict) -> dict:
+    """An ``inspect()`` message with ``file_name``, ``size`` and ``caption`` at top level."""
+    document = message.get("document") or {}
+    shown = dict(message)
+    shown.setdefault("file_name", document.get("file_name"))
+    shown.setdefault("size", document.get("size"))
+    shown.setdefault("caption", message.get("text", "") if document else None)
+    return shown
+
+
 def filter_snapshot(snapshot: dict, channel: str | int | None) -> dict:
     """``inspect()`` narrowed to one channel (its topics and messages)."""
+    snapshot = dict(snapshot)
+    snapshot["messages"] = [present_message(m) for m in snapshot.get("messages", [])]
     if channel is None:
         return snapshot
     cid = channel_id_of(find_channel(snapshot, channel))

@@ -1,0 +1,223 @@
+"""The standalone simulated Telegram under real Telethon calls, over its Unix socket."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from telethon import errors
+
+from actors.telegram.sim.client import make_sim_client
+from actors.telegram.sim.remote import RemoteTransport, SimControl
+from actors.telegram.sim.seed import seed_world
+from actors.telegram.sim.server import SimServer, SimServerError
+
+ROOT = Path(__file__).resolve().parents[2]
+MIB = 1024 * 1024
+
+
+def payload(size: int, salt: int = 0) -> bytes:
+    return bytes((i * 31 + salt) & 0xFF for i in range(256)) * (size // 256) + b"t" * (size % 256)
+
+
+def named(data: bytes, name: str) -> io.BytesIO:
+    stream = io.BytesIO(data)
+    stream.name = name  # Telethon takes the file name from the stream
+    return stream
+
+
+def start_process(state_dir: Path) -> subprocess.Popen:
+    """``python -m actors.telegram.sim.cli serve --dir DIR``, returned once it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors.telegram.sim.cli", "serve", "--dir", str(state_dir)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    control = SimControl(state_dir / "sim.sock", timeout=5)
+    deadline = time.monotonic() + 30
+    while not control.is_running():
+        if proc.poll() is not None:
+            raise AssertionError(f"sim server exited {proc.returncode}: {proc.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("sim server did not answer within 30 s")
+        time.sleep(0.05)  # polling another process's socket, not a thread
+    return proc
+
+
+@pytest.fixture
+def sim_dir(tmp_path):
+    return tmp_path / "sim"
+
+
+@pytest.fixture
+def sim_process(sim_dir):
+    procs = []
+
+    def start() -> subprocess.Popen:
+        procs.append(start_process(sim_dir))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def threaded_server(sim_dir):
+    server = SimServer(sim_dir).start_in_thread()
+    seed_world(SimControl(server.socket_path), sim_dir / "sessions")
+    yield server
+    server.stop_thread()
+
+
+def client_for(sim_dir: Path, name: str):
+    sock = sim_dir / "sim.sock"
+    client = make_sim_client(str(sim_dir / "sessions" / f"{name}.session"), lambda: RemoteTransport(sock))
+    client.flood_sleep_threshold = 0
+    return client
+
+
+def test_process_serves_telethon_and_keeps_state_across_sigkill(sim_dir, sim_process):
+    proc = sim_process()
+    sock = sim_dir / "sim.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert int((sim_dir / "sim.pid").read_text()) == proc.pid
+    summary = SimControl(sock).seed(sim_dir / "sessions")
+    assert {a["name"] for a in summary["accounts"] if a["session"]} == {"alice", "bob", "carol"}
+    data = payload(3 * MIB + 12345)
+
+    async def upload() -> int:
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        try:
+            me = await client.get_me()
+            assert me.username == "alice" and not me.premium
+            titles = {d.name for d in await client.get_dialogs()}
+            assert {"Sim Source A", "Sim Forum", "Stash Archive"} <= titles
+            assert "Sim Source B" not in titles
+            message = await client.send_file("stash_archive", named(data, "roundtrip.bin"),
+                                             caption="roundtrip", force_document=True)
+            assert await client.download_media(message, file=bytes) == data
+            return message.id
+        finally:
+            await client.disconnect()
+
+    msg_id = asyncio.run(upload())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    sim_process()  # same dir: the stale socket is replaced, state reloaded
+
+    async def download_again() -> None:
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        try:
+            channel = await client.get_entity("stash_archive")
+            (message,) = await client.get_messages(channel, ids=[msg_id])
+            assert message is not None and message.message == "roundtrip"
+            assert message.file.name == "roundtrip.bin"
+            assert await client.download_media(message, file=bytes) == data
+        finally:
+            await client.disconnect()
+
+    asyncio.run(download_again())
+
+
+def test_sigterm_stops_gracefully_and_removes_socket(sim_dir, sim_process):
+    proc = sim_process()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert not (sim_dir / "sim.sock").exists()
+    assert not (sim_dir / "sim.pid").exists()
+
+
+def test_second_server_on_same_dir_is_refused(threaded_server, sim_dir):
+    with pytest.raises(SimServerError, match="already answers"):
+        SimServer(sim_dir).start_in_thread()
+    assert SimControl(threaded_server.socket_path).is_running()
+
+
+def test_two_accounts_concurrently(threaded_server, sim_dir):
+    async def roundtrip(name: str, salt: int) -> tuple[str, bool]:
+        client = client_for(sim_dir, name)
+        await client.connect()
+        try:
+            me = await client.get_me()
+            data = payload(MIB + salt * 4096, salt)
+            message = await client.send_file("stash_archive", named(data, f"{name}.bin"),
+                                             force_document=True)
+            return me.username, bool(me.premium), await client.download_media(message, file=bytes) == data
+        finally:
+            await client.disconnect()
+
+    async def both():
+        return await asyncio.gather(roundtrip("alice", 1), roundtrip("bob", 2))
+
+    assert asyncio.run(both()) == [("alice", False, True), ("bob", True, True)]
+    messages = SimControl(threaded_server.socket_path).inspect("stash_archive")["messages"]
+    assert {"alice.bin", "bob.bin"} <= {m.get("file_name") for m in messages}
+
+
+def test_dropped_connection_reconnects(threaded_server, sim_dir):
+    world = threaded_server.world
+    dropped = []
+
+    def drop_first_history(auth_key_id, request_name):
+        if request_name == "GetHistoryRequest" and not dropped:
+            dropped.append(request_name)
+            return True
+        return False
+
+    world.should_drop = drop_first_history  # the server asks the world per request
+
+    async def run():
+        client = client_for(sim_dir, "carol")
+        await client.connect()
+        try:
+            # Telethon sees the connection drop, reconnects and resends.
+            messages = await asyncio.wait_for(client.get_messages("sim_forum", limit=5), 30)
+            assert messages
+        finally:
+            await client.disconnect()
+
+    asyncio.run(run())
+    assert dropped == ["GetHistoryRequest"]
+
+
+def test_remote_transport_refused_raises_connection_error(tmp_path):
+    async def run():
+        transport = RemoteTransport(tmp_path / "nothing.sock")
+        with pytest.raises(ConnectionError):
+            await transport.invoke(1, "GetConfigRequest", b"")
+        await transport.close()
+
+    asyncio.run(run())
+
+
+def test_flood_fault_reaches_telethon(threaded_server, sim_dir):
+    control = SimControl(threaded_server.socket_path)
+    control.set_fault("flood", request="GetHistoryRequest", seconds=42, account="bob")
+
+    async def run():
+        bob, carol = client_for(sim_dir, "bob"), client_for(sim_dir, "carol")
+        await bob.connect()
+        await carol.connect()
+        try:
+            with pytest.raises(errors.FloodWaitError) as info:
+                await bob.get_messages("sim_source_b", limit=3)
+            assert info.value.seconds == 42
+            assert await carol.get_messages("sim_source_b", limit=3)  # only bob is hit
+        finally:
+            await bob.disconnect()
+            await carol.disconnect()
+
+    asyncio.run(run())
