@@ -1,0 +1,520 @@
+"""The running daemon: storage, supervised actors, admin socket, metrics, signals.
+
+:class:`Daemon` is what ``stashd run`` and ``stashd demo`` drive. Start-up order:
+storage -> actors (one AccountActor per session, joined with a ping) -> admin
+socket -> metrics endpoint -> READY. Stop order is the reverse.
+
+The main thread owns the daemon's life: signal handlers (and the admin
+``shutdown`` command, and the supervisor giving up) only set a flag and write a
+byte to a self-pipe; :meth:`Daemon.run` wakes on it and does the work: stop,
+reload, dump stacks, watchdog pings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pykka
+from loguru import logger
+
+from actors.notify import Notifier
+from actors.supervision import (
+    AddChild, ChildSpec, GetChild, GetStatus, RemoveChild, StartChildren, StopChildren,
+    SupervisorActor,
+)
+
+ACCOUNT_PREFIX = "account:"
+ASK_TIMEOUT = 10.0
+
+log = logger.bind(actor="daemon")
+
+
+def stashd_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("stashd")
+    except Exception:  # not installed (running from a checkout)
+        return "0.1.0"
+
+
+# ------------------------------------------------------------------ sessions
+
+
+@dataclass(frozen=True)
+class AccountPlan:
+    """One account the daemon should run: a session file plus its config overrides."""
+
+    name: str
+    session_path: Path
+    paused: bool = False
+
+
+def discover_accounts(settings) -> list[AccountPlan]:
+    """Every ``*.session`` file in ``daemon.sessions_dir`` (sorted), minus disabled ones.
+
+    ``[[accounts]]`` entries override per session: ``enabled = false`` skips it,
+    ``paused = true`` starts it paused.
+    """
+    overrides = {a.session: a for a in getattr(settings, "accounts", ())}
+    sessions_dir = Path(settings.daemon.sessions_dir)
+    plans = []
+    if sessions_dir.is_dir():
+        for path in sorted(sessions_dir.glob("*.session")):
+            override = overrides.get(path.stem)
+            if override is not None and not override.enabled:
+                continue
+            plans.append(AccountPlan(path.stem, path, bool(override and override.paused)))
+    missing = sorted(set(overrides) - {p.stem for p in sessions_dir.glob("*.session")}) if sessions_dir.is_dir() \
+        else sorted(overrides)
+    for name in missing:
+        log.warning("[[accounts]] names {!r} but {} has no such .session file", name, sessions_dir)
+    return plans
+
+
+def _default_account_starter(name, session_path, settings, storage, metrics, clock):
+    from actors.account import AccountActor
+    return AccountActor.start(name, session_path, settings, storage, metrics, clock)
+
+
+# ------------------------------------------------------------------ waking the main thread
+
+
+class _Waker:
+    """Self-pipe: safe to poke from a signal handler or any thread."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (already awake) or closed
+
+    def wait(self, timeout: float | None) -> None:
+        ready, _, _ = select.select([self._r], [], [], timeout)
+        if ready:
+            try:
+                while os.read(self._r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def thread_dump() -> str:
+    """Every thread's current stack, as text."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        parts.append(f"--- thread {names.get(ident, '?')} (ident {ident}) ---\n"
+                     + "".join(traceback.format_stack(frame)))
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ the daemon
+
+
+class Daemon:
+    """Owns storage, the supervisor actor, the admin socket and the metrics endpoint."""
+
+    def __init__(self, settings, *, config_path: Path | str | None = None,
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.time,
+                 account_starter: Callable[..., pykka.ActorRef] | None = None,
+                 config_loader: Callable[[Path], Any] | None = None,
+                 on_reload_logging: Callable[[Any], None] | None = None):
+        self.settings = settings
+        self.config_path = Path(config_path) if config_path else None
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self._account_starter = account_starter or _default_account_starter
+        self._config_loader = config_loader
+        self._on_reload_logging = on_reload_logging
+        self.storage = None
+        self.metrics = None
+        self.supervisor: pykka.ActorRef | None = None
+        self.admin = None
+        self.metrics_server = None
+        self.state = "starting"
+        self.started_at = time.time()
+        self.exit_code: int | None = None
+        self._accounts: dict[str, AccountPlan] = {}
+        self._paused: set[str] = set()
+        self._waker = _Waker()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._dump_requested = False
+        self._old_handlers: dict[int, Any] = {}
+        self._stopped = False
+
+    # -- start ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring everything up, then READY. Raises on failure (after undoing what started)."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        from storage import open_storage
+
+        s = self.settings
+        Path(s.daemon.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(s.daemon.sessions_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.notifier.status("opening storage")
+        self.storage = open_storage(s.database.url, clock=self.clock)
+        self.metrics = self._make_metrics()
+        plans = discover_accounts(s)
+        self._accounts = {p.name: p for p in plans}
+        self._paused = {p.name for p in plans if p.paused}
+        sup = s.supervisor
+        self.supervisor = SupervisorActor.start(
+            [self._account_spec(p) for p in plans], on_exit=self._supervisor_gave_up,
+            max_restarts=sup.max_restarts, restart_window_seconds=sup.restart_window_seconds,
+            backoff_initial_seconds=sup.backoff_initial_seconds,
+            backoff_max_seconds=sup.backoff_max_seconds,
+            stop_timeout_seconds=sup.stop_timeout_seconds, metrics=self.metrics, clock=self.clock)
+        self.notifier.status(f"starting {len(plans)} actors")
+        self.supervisor.ask(StartChildren(), timeout=ASK_TIMEOUT * (len(plans) + 1))
+        self._start_admin()
+        self._start_metrics()
+        self.state = "running"
+        log.info("stashd {} running: {} account(s) [{}], admin socket {}", stashd_version(), len(plans),
+                 ", ".join(sorted(self._accounts)), s.admin.socket)
+        self.notifier.ready(f"running {len(plans)} account(s)")
+
+    def _make_metrics(self):
+        try:
+            from prometheus_client import CollectorRegistry
+
+            from actors.metrics import Metrics
+        except ImportError:
+            log.warning("actors.metrics not available: metrics disabled")
+            return None
+        metrics = Metrics(CollectorRegistry())
+        try:
+            metrics.build_info.info({"version": stashd_version()})
+        except Exception:  # already set by Metrics itself
+            pass
+        return metrics
+
+    def _start_admin(self) -> None:
+        from actors.admin.server import AdminServer
+
+        path = Path(self.settings.admin.socket)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.admin = AdminServer(path, self.dispatch, max_frame_bytes=self.settings.admin.max_frame_bytes)
+        self.admin.start()
+
+    def _start_metrics(self) -> None:
+        m = self.settings.metrics
+        if not m.enabled or self.metrics is None:
+            return
+        from actors.metrics import start_metrics_server
+
+        self.metrics_server = start_metrics_server(self.metrics, m.host, m.port)
+        log.info("metrics on http://{}:{}/metrics", m.host, getattr(self.metrics_server, "port", m.port))
+
+    def _account_spec(self, plan: AccountPlan) -> ChildSpec:
+        def factory() -> pykka.ActorRef:
+            ref = self._account_starter(plan.name, plan.session_path, self.settings, self.storage,
+                                        self.metrics, self.clock)
+            if plan.name in self._paused:
+                _tell_account(ref, "Pause")
+            return ref
+
+        # Not critical: one broken session must not keep the others from running.
+        return ChildSpec(ACCOUNT_PREFIX + plan.name, factory, critical=False)
+
+    # -- signals / requests ------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """Only from the main thread. Handlers set a flag and wake :meth:`run`."""
+        handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                    signal.SIGHUP: self.request_reload, signal.SIGUSR1: self.request_dump}
+        for signum, fn in handlers.items():
+            self._old_handlers[signum] = signal.signal(signum, lambda _s, _f, fn=fn: fn())
+
+    def restore_signal_handlers(self) -> None:
+        for signum, old in self._old_handlers.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        self._old_handlers.clear()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._waker.wake()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._waker.wake()
+
+    def request_dump(self) -> None:
+        self._dump_requested = True
+        self._waker.wake()
+
+    def _supervisor_gave_up(self, code: int) -> None:
+        self.exit_code = code
+        self._waker.wake()
+
+    # -- main loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until asked to stop; returns the process exit code. Main thread only."""
+        interval = self.notifier.watchdog_interval if self.settings.supervisor.watchdog else None
+        next_ping = time.monotonic()
+        try:
+            while True:
+                timeout = None if interval is None else max(0.0, next_ping - time.monotonic())
+                self._waker.wait(timeout)
+                if self._dump_requested:
+                    self._dump_requested = False
+                    log.warning("SIGUSR1: thread dump\n{}", thread_dump())
+                if self.exit_code is not None or self._stop_requested:
+                    break
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                if interval is not None and time.monotonic() >= next_ping:
+                    next_ping = time.monotonic() + interval
+                    if self.healthy():
+                        self.notifier.watchdog()
+                    else:
+                        log.warning("actors unhealthy: skipping the watchdog ping")
+        finally:
+            self.stop()
+        return self.exit_code or 0
+
+    def healthy(self) -> bool:
+        if self.supervisor is None or not self.supervisor.is_alive():
+            return False
+        try:
+            return self.supervisor.ask(GetStatus(), timeout=ASK_TIMEOUT).healthy
+        except Exception:
+            return False
+
+    # -- stop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop in reverse order: admin socket, actors, metrics, storage. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.state = "stopping"
+        self.notifier.stopping("stopping")
+        log.info("stopping")
+        if self.admin is not None:
+            _quietly(self.admin.stop, "admin socket")
+        if self.supervisor is not None and self.supervisor.is_alive():
+            timeout = self.settings.supervisor.stop_timeout_seconds * (len(self._accounts) + 1) + 5
+            _quietly(lambda: self.supervisor.ask(StopChildren("shutdown"), timeout=timeout), "actors")
+            _quietly(lambda: self.supervisor.stop(timeout=10), "supervisor")
+        if self.metrics_server is not None:
+            _quietly(self.metrics_server.stop, "metrics endpoint")
+        if self.storage is not None:
+            _quietly(self.storage.close, "storage")
+        self._waker.close()
+        self.state = "stopped"
+        log.info("stopped")
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------
+
+    def reload(self) -> list[str]:
+        """Re-read config and sessions dir; apply what can change live; return the changes."""
+        self.notifier.reloading()
+        changes: list[str] = []
+        try:
+            new = self.settings
+            if self.config_path is not None:
+                loader = self._config_loader or _load_config
+                try:
+                    new = loader(self.config_path)
+                except Exception as exc:
+                    errors = getattr(exc, "errors", None) or [str(exc)]
+                    log.error("reload: config has errors, keeping the running config:\n  {}",
+                              "\n  ".join(errors))
+                    return changes
+            old = self.settings
+            if (old.daemon.log_level, old.daemon.log_file, old.daemon.log_json) != \
+                    (new.daemon.log_level, new.daemon.log_file, new.daemon.log_json):
+                if self._on_reload_logging is not None:
+                    self._on_reload_logging(new)
+                changes.append(f"logging: level {old.daemon.log_level} -> {new.daemon.log_level}")
+            for section in ("database", "telegram", "admin", "metrics", "supervisor"):
+                if getattr(old, section) != getattr(new, section):
+                    changes.append(f"[{section}] changed: takes effect after a restart")
+            self.settings = dataclasses.replace(old, daemon=new.daemon, accounts=new.accounts) \
+                if dataclasses.is_dataclass(old) else new
+            changes += self._reconcile_accounts()
+            for line in changes:
+                log.info("reload: {}", line)
+            if not changes:
+                log.info("reload: nothing changed")
+            return changes
+        finally:
+            self.notifier.ready("reloaded")
+
+    def _reconcile_accounts(self) -> list[str]:
+        changes = []
+        wanted = {p.name: p for p in discover_accounts(self.settings)}
+        for name in sorted(set(self._accounts) - set(wanted)):
+            self.supervisor.ask(RemoveChild(ACCOUNT_PREFIX + name), timeout=ASK_TIMEOUT * 3)
+            del self._accounts[name]
+            self._paused.discard(name)
+            changes.append(f"account {name} removed")
+        for name in sorted(set(wanted) - set(self._accounts)):
+            plan = wanted[name]
+            self._accounts[name] = plan
+            if plan.paused:
+                self._paused.add(name)
+            self.supervisor.ask(AddChild(self._account_spec(plan)), timeout=ASK_TIMEOUT * 3)
+            changes.append(f"account {name} added" + (" (paused)" if plan.paused else ""))
+        for name in sorted(set(wanted) & set(self._accounts)):
+            was, now = self._accounts[name].paused, wanted[name].paused
+            self._accounts[name] = wanted[name]
+            if was != now:
+                self._set_paused(name, now)
+                changes.append(f"account {name} {'paused' if now else 'resumed'} by config")
+        return changes
+
+    # -- accounts --------------------------------------------------------------------------
+
+    def account_ref(self, name: str) -> pykka.ActorRef | None:
+        if self.supervisor is None or name not in self._accounts:
+            return None
+        return self.supervisor.ask(GetChild(ACCOUNT_PREFIX + name), timeout=ASK_TIMEOUT)
+
+    def account_names(self) -> list[str]:
+        return sorted(self._accounts)
+
+    def account_info(self, name: str, timeout: float = ASK_TIMEOUT) -> dict:
+        """One account as the admin protocol shows it (live actor reply, else storage)."""
+        info: dict[str, Any] = {"name": name, "user_id": None, "phone": None, "premium": None,
+                                "upload_limit_bytes": None, "state": "stopped",
+                                "cooldown_until": None, "flood_waits": {}}
+        record = None
+        if self.storage is not None:
+            try:
+                record = self.storage.get_account(name)
+            except Exception as exc:
+                log.warning("storage lookup of {} failed: {}", name, exc)
+        if record is not None:
+            info.update(user_id=record.user_id, phone=record.phone_redacted, premium=record.premium,
+                        upload_limit_bytes=record.upload_limit_bytes, state=record.state,
+                        cooldown_until=record.cooldown_until)
+        ref = self.account_ref(name)
+        if ref is None:
+            info["state"] = "restarting" if name in self._accounts else "stopped"
+            return info
+        try:
+            from actors.account_messages import GetAccountInfo
+            live = ref.ask(GetAccountInfo(), timeout=timeout)
+        except Exception as exc:
+            info["error"] = f"{type(exc).__name__}: {exc}"
+            return info
+        for key in ("user_id", "premium", "upload_limit_bytes", "state"):
+            value = getattr(live, key, None)
+            if value is not None:
+                info[key] = value
+        if getattr(live, "phone_redacted", None):
+            info["phone"] = live.phone_redacted
+        if getattr(live, "flood_waits", None):
+            info["flood_waits"] = dict(live.flood_waits)
+        if getattr(live, "error", None):
+            info["error"] = live.error
+        return info
+
+    def _set_paused(self, name: str, paused: bool) -> None:
+        (self._paused.add if paused else self._paused.discard)(name)
+        ref = self.account_ref(name)
+        if ref is not None:
+            _ask_account(ref, "Pause" if paused else "Resume")
+
+    # -- admin commands ------------------------------------------------------------------------
+
+    def dispatch(self, cmd: str, args: dict) -> Any:
+        """Admin socket commands (called on the admin connection's thread)."""
+        from actors.admin.server import AdminCommandError
+
+        args = args or {}
+        if cmd == "status":
+            return self.status()
+        if cmd == "accounts":
+            return [self.account_info(n) for n in self.account_names()]
+        if cmd in ("pause", "resume"):
+            name = args.get("account") or args.get("name")
+            if not isinstance(name, str) or name not in self._accounts:
+                raise AdminCommandError(f"unknown account {name!r}; known: {', '.join(self.account_names())}")
+            try:
+                self._set_paused(name, cmd == "pause")
+            except Exception as exc:
+                raise AdminCommandError(f"{cmd} {name} failed: {exc}") from exc
+            return self.account_info(name)
+        if cmd == "shutdown":
+            log.info("shutdown requested over the admin socket")
+            self.request_stop()
+            return {"stopping": True}
+        raise AdminCommandError(f"unknown command {cmd!r}")
+
+    def status(self) -> dict:
+        actors = []
+        sup_status = None
+        if self.supervisor is not None and self.supervisor.is_alive():
+            try:
+                sup_status = self.supervisor.ask(GetStatus(), timeout=ASK_TIMEOUT)
+            except Exception:
+                sup_status = None
+        if sup_status is not None:
+            actors = [{"name": c.name, "alive": c.alive, "state": c.state, "restarts": c.restarts,
+                       "inbox": c.inbox} for c in sup_status.children]
+        state = self.state
+        if state == "running" and sup_status is not None and not sup_status.healthy:
+            state = "degraded"
+        return {"version": stashd_version(), "pid": os.getpid(),
+                "uptime_seconds": round(time.time() - self.started_at, 3), "state": state,
+                "accounts": [self.account_info(n) for n in self.account_names()],
+                "actors": actors}
+
+
+def _load_config(path: Path):
+    from config import load_config
+    return load_config(path)
+
+
+def _message(name: str):
+    import actors.account_messages as m
+    return getattr(m, name)()
+
+
+def _tell_account(ref: pykka.ActorRef, name: str) -> None:
+    try:
+        ref.tell(_message(name))
+    except Exception as exc:
+        log.warning("could not send {} to {}: {}", name, ref, exc)
+
+
+def _ask_account(ref: pykka.ActorRef, name: str) -> Any:
+    return ref.ask(_message(name), timeout=ASK_TIMEOUT)
+
+
+def _quietly(fn: Callable[[], Any], what: str) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        log.warning("stopping {} failed: {!r}", what, exc)

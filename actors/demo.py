@@ -1,0 +1,285 @@
+"""``stashd demo``: a whole stashd on SQLite against the simulated Telegram, in one command.
+
+    stashd demo --dir DIR [--keep-running]
+
+Writes ``DIR/stashd.toml`` (simulated mode, everything under DIR), starts the
+simulated Telegram server (``stashd sim serve --dir DIR/sim``) as a subprocess,
+seeds it (sessions into ``DIR/sessions``; seeding is idempotent, so a second
+demo on the same DIR reuses the world), runs the daemon in-process, waits
+until every account is ready, prints a summary and stops everything (exit 0).
+With ``--keep-running`` it stays up like ``stashd run`` until SIGTERM/SIGINT.
+
+``stashd run --config DIR/stashd.toml`` runs the same daemon again on the same
+state: in simulated mode it starts the sim server itself when none answers
+(see :func:`ensure_sim_server`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from loguru import logger
+
+DEMO_METRICS_PORT = 9464
+READY_TIMEOUT = 60.0
+SIM_START_TIMEOUT = 30.0
+
+log = logger.bind(actor="demo")
+
+
+# ------------------------------------------------------------------ sim server subprocess
+
+
+class SimServerProcess:
+    """``stashd sim serve --dir DIR`` as a child process, stopped with SIGTERM."""
+
+    def __init__(self, state_dir: Path, socket_path: Path):
+        self.state_dir = Path(state_dir)
+        self.socket_path = Path(socket_path)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.state_dir / "server.log"
+
+    def start(self, timeout: float = SIM_START_TIMEOUT) -> "SimServerProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("NOTIFY_SOCKET", None)  # the server is not the notifying service
+        cmd = [sys.executable, "-c",
+               "import sys; from actors.telegram.sim.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", "--dir", str(self.state_dir), "--socket", str(self.socket_path)]
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         env=env, start_new_session=True)
+        log.info("started the simulated Telegram server (pid {}) on {}", self.proc.pid, self.socket_path)
+        deadline = time.monotonic() + timeout
+        while not sim_answers(self.socket_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sim server exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"sim server did not answer on {self.socket_path} within {timeout:g}s")
+            time.sleep(0.05)  # bounded polling of the socket condition
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("sim server did not stop within {}s; killing it", timeout)
+            proc.kill()
+            proc.wait(5)
+        log.info("stopped the simulated Telegram server")
+
+
+def sim_answers(socket_path: Path) -> bool:
+    """True when a simulated Telegram server answers a ping on ``socket_path``."""
+    if not Path(socket_path).exists():
+        return False
+    try:
+        from actors.telegram.sim.remote import SimControl
+        return SimControl(socket_path, timeout=5).is_running()
+    except ImportError:  # pragma: no cover
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(socket_path))
+                return True
+            except OSError:
+                return False
+
+
+def ensure_sim_server(settings) -> SimServerProcess | None:
+    """In simulated mode, start a sim server when none answers on telegram.sim_socket.
+
+    Its state dir is the socket's parent (the demo's layout: DIR/sim/sim.sock).
+    Returns the process to stop later, or None when one was already running
+    (or the mode is "real").
+    """
+    tg = settings.telegram
+    if tg.mode != "simulated" or tg.sim_socket is None:
+        return None
+    sock = Path(tg.sim_socket)
+    if sim_answers(sock):
+        return None
+    return SimServerProcess(sock.parent, sock).start()
+
+
+# ------------------------------------------------------------------ config
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def demo_config_text(demo_dir: Path, metrics_port: int) -> str:
+    d = demo_dir.resolve()
+    return f"""\
+# Written by `stashd demo --dir {d}`: a simulated Telegram, SQLite, everything in this directory.
+# Run the same daemon again with: stashd run --config {d / 'stashd.toml'}
+# (it starts the simulated Telegram server itself when none answers on telegram.sim_socket).
+
+[daemon]
+state_dir = "{d}"
+sessions_dir = "sessions"
+log_level = "INFO"
+
+[database]
+url = "sqlite:///{d / 'stashd.db'}"
+
+[telegram]
+mode = "simulated"
+sim_socket = "sim/sim.sock"
+
+[admin]
+socket = "stashd.sock"
+
+[metrics]
+enabled = true
+host = "127.0.0.1"
+port = {metrics_port}
+
+[supervisor]
+max_restarts = 5
+restart_window_seconds = 60
+stop_timeout_seconds = 10
+"""
+
+
+# ------------------------------------------------------------------ the demo
+
+
+def wait_until_ready(daemon, timeout: float = READY_TIMEOUT) -> dict[str, dict]:
+    """Ask every account for its info until each is ready (or in error); bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    infos: dict[str, dict] = {}
+    while True:
+        infos = {name: daemon.account_info(name, timeout=10) for name in daemon.account_names()}
+        if all(i.get("state") in ("ready", "paused", "error") for i in infos.values()):
+            return infos
+        if time.monotonic() > deadline:
+            return infos
+        time.sleep(0.1)  # bounded polling of the accounts' state
+
+
+def visible_channels(daemon, name: str) -> list[str]:
+    """Channels the account can see (asks it; falls back to what storage recorded)."""
+    ref = daemon.account_ref(name)
+    if ref is not None:
+        try:
+            from actors.account_messages import GetDialogs
+            result = ref.ask(GetDialogs(), timeout=30)
+            return [_channel_label(c.title, c.username, c.is_forum, getattr(c, "is_admin", False))
+                    for c in result.channels]
+        except Exception as exc:
+            log.warning("dialogs of {} failed: {}", name, exc)
+    if daemon.storage is not None:
+        return [_channel_label(c.title, c.username, c.is_forum, False)
+                for c in daemon.storage.list_channels() if name in c.seen_by]
+    return []
+
+
+def _channel_label(title: str, username: str | None, forum: bool, admin: bool) -> str:
+    label = title + (f" (@{username})" if username else "")
+    if forum:
+        label += " [forum]"
+    if admin:
+        label += " [admin]"
+    return label
+
+
+def _mib(n: int | None) -> str:
+    return "?" if not n else f"{n / (1024 * 1024):,.0f} MiB"
+
+
+def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_dir: Path) -> str:
+    lines = [f"stashd demo in {demo_dir}", "", f"{len(infos)} account(s):"]
+    for name, info in sorted(infos.items()):
+        premium = "Premium" if info.get("premium") else "regular"
+        lines.append(f"  {name:<10} {premium:<8} upload limit {_mib(info.get('upload_limit_bytes')):>10}"
+                     f"  state {info.get('state')}" + (f"  ({info['error']})" if info.get("error") else ""))
+        for ch in channels.get(name, []):
+            lines.append(f"      sees {ch}")
+    premium = [n for n, i in infos.items() if i.get("premium")]
+    lines += ["", f"Premium: {', '.join(sorted(premium)) or 'none'}",
+              f"Config: {demo_dir / 'stashd.toml'}  (stashd run --config {demo_dir / 'stashd.toml'})"]
+    return "\n".join(lines)
+
+
+def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None = None,
+             setup_logging: Callable[[object], None] | None = None) -> int:
+    """The ``stashd demo`` command; returns the exit code."""
+    from config import ConfigError, load_config
+
+    from actors.daemon import Daemon
+
+    out = out or sys.stdout
+    demo_dir = Path(demo_dir).absolute()
+    demo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    port = DEMO_METRICS_PORT
+    if not port_free(port):
+        port = free_port()
+        print(f"port {DEMO_METRICS_PORT} is taken: metrics on {port} instead", file=out)
+    config_path = demo_dir / "stashd.toml"
+    config_path.write_text(demo_config_text(demo_dir, port))
+    try:
+        settings = load_config(config_path)
+    except ConfigError as exc:  # a bug in demo_config_text
+        print(str(exc), file=sys.stderr)
+        return 2
+    if setup_logging is not None:
+        setup_logging(settings)
+    sim = None
+    daemon = None
+    try:
+        sim = ensure_sim_server(settings)
+        from actors.telegram.sim.remote import SimControl
+        seeded = SimControl(settings.telegram.sim_socket).seed(settings.daemon.sessions_dir)
+        log.info("seeded the simulated Telegram: {}", seeded.get("created", seeded) if isinstance(seeded, dict)
+                 else seeded)
+        daemon = Daemon(settings, config_path=config_path)
+        if keep_running:
+            daemon.install_signal_handlers()
+        daemon.start()
+        infos = wait_until_ready(daemon)
+        channels = {name: visible_channels(daemon, name) for name in infos}
+        print(format_summary(infos, channels, demo_dir), file=out)
+        if keep_running:
+            print(f"\nRunning; admin socket {settings.admin.socket}. "
+                  f"Stop with SIGTERM or Ctrl-C.", file=out)
+            out.flush()
+            code = daemon.run()
+        else:
+            daemon.stop()
+            code = 0 if infos and all(i.get("state") == "ready" for i in infos.values()) else 1
+        return code
+    except Exception as exc:
+        log.opt(exception=exc).error("demo failed")
+        print(f"stashd demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+            daemon.restore_signal_handlers()
+        if sim is not None:
+            sim.stop()
