@@ -260,11 +260,9 @@ class AdminServer:
         except Exception:
             self._log.opt(exception=True).error("admin connection handler failed")
         finally:
-            try:
-                conn.close()
-            finally:
-                with self._lock:
-                    self._conns.pop(threading.current_thread(), None)
+            with self._lock:  # free the slot before the peer can see the close
+                self._conns.pop(threading.current_thread(), None)
+            conn.close()
 
     def _serve_one(self, conn: socket.socket) -> bool:
         """Read one frame and answer it; False when the connection should close."""
