@@ -221,3 +221,26 @@ def test_flood_fault_reaches_telethon(threaded_server, sim_dir):
             await carol.disconnect()
 
     asyncio.run(run())
+
+
+def test_bandwidth_cap_holds_across_concurrent_requests(threaded_server, sim_dir):
+    """Two downloads at once by one account share its cap instead of doubling it."""
+    bps = 4_000_000
+    control = SimControl(threaded_server.socket_path)
+    control.set_fault("bandwidth", request="GetFileRequest", account="alice", bytes_per_second=bps)
+
+    async def run():
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        try:
+            history = await client.get_messages("sim_source_a", limit=50)
+            docs = sorted((m for m in history if m.file), key=lambda m: -m.file.size)[:2]
+            started = time.monotonic()
+            blobs = await asyncio.gather(*(client.download_media(m, file=bytes) for m in docs))
+            return time.monotonic() - started, sum(len(b) for b in blobs)
+        finally:
+            await client.disconnect()
+
+    elapsed, total = asyncio.run(run())
+    assert total > 500_000
+    assert elapsed >= total / bps

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--code", type=int, default=400, help="RPC error code for 'error' (default 400)")
     fault.add_argument("--account", help="only requests of this user (username)")
     fault.add_argument("--bps", type=int, default=None, help="bytes per second for 'bandwidth'")
+    parser.set_defaults(fault_parser=fault)
     return parser
 
 
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "fault":
         try:
-            _check_fault_args(parser, args)
+            _check_fault_args(args.fault_parser, args)
         except SystemExit as exc:
             return int(exc.code or 0)
     try:

@@ -235,6 +235,7 @@ class SimServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._connections: set[asyncio.Task] = set()
+        self._busy_until: dict[Any, float] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._thread_error: BaseException | None = None
@@ -410,26 +411,56 @@ class SimServer:
         key = int(message.get("key") or 0)
         name = str(message.get("name") or "")
         data = message.get("data") or b""
-        world = self._world
-        if world.should_drop(key, name):
+        outcome = await self._in_worker(self._process, key, name, data)
+        if outcome is None:
             logger.bind(actor="sim").debug("dropping connection at {}", name)
             writer.transport.abort()
             return None
-        try:
-            result = await self._in_worker(world.handle_bytes, key, data)
-        except SimRpcError as exc:
-            reply = {"ok": False, "code": exc.code, "message": exc.message}
-            result = b""
-        except Exception as exc:
-            logger.bind(actor="sim").opt(exception=exc).error("sim failed on {}", name)
-            reply = {"ok": False, "code": 500, "message": f"INTERNAL_SIM_ERROR {type(exc).__name__}"}
-            result = b""
-        else:
-            reply = {"ok": True, "data": result}
-        delay = world.delay_for(key, name, len(data) + len(result))
+        reply, latency, transfer, account = outcome
+        delay = latency + self._pace(account, transfer)
         if delay > 0:
             await asyncio.sleep(delay)
         return reply
+
+    def _process(self, key: int, name: str, data: bytes) -> tuple[dict, float, float, Any] | None:
+        """In a worker thread: drop check, the request itself and its simulated cost.
+
+        Returns None for a dropped connection, else (reply, latency seconds,
+        transfer seconds at the account's bandwidth cap, account).
+        """
+        world = self._world
+        if world.should_drop(key, name):
+            return None
+        try:
+            result = world.handle_bytes(key, data)
+        except SimRpcError as exc:
+            reply, result = {"ok": False, "code": exc.code, "message": exc.message}, b""
+        except Exception as exc:
+            logger.bind(actor="sim").opt(exception=exc).error("sim failed on {}", name)
+            reply, result = {"ok": False, "code": 500, "message": f"INTERNAL_SIM_ERROR {type(exc).__name__}"}, b""
+        else:
+            reply = {"ok": True, "data": result}
+        nbytes = len(data) + len(result)
+        total = world.delay_for(key, name, nbytes)
+        if total <= 0:
+            return reply, 0.0, 0.0, None
+        account = world.user_for_key(key) if hasattr(world, "user_for_key") else key
+        transfer = sum(nbytes / float(f.bytes_per_second) for f in getattr(world, "faults", ())
+                       if f.kind == "bandwidth" and f.matches(name, account))
+        return reply, max(0.0, total - transfer), transfer, (account if account is not None else key)
+
+    def _pace(self, account: Any, transfer: float) -> float:
+        """Seconds until a transfer of ``transfer`` seconds finishes on the account's link.
+
+        Transfers of one account queue behind each other (across connections),
+        so concurrent requests cannot exceed its bandwidth cap together.
+        """
+        if transfer <= 0:
+            return 0.0
+        now = self._loop.time()
+        start = max(now, self._busy_until.get(account, 0.0))
+        self._busy_until[account] = start + transfer
+        return start + transfer - now
 
     async def _control(self, op: Any, message: dict) -> dict:
         args = {k: v for k, v in message.items() if k not in ("op", "id")}
