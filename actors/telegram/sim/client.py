@@ -10,6 +10,7 @@ from telethon.tl import functions
 from telethon.tl.alltlobjects import LAYER
 
 from .sender import SimSender
+from .world import write_session_file  # noqa: F401  (re-exported for callers)
 
 
 class SimTelegramClient(TelegramClient):

@@ -161,13 +161,15 @@ class SimWorld:
             self._state.bind_key(auth_key_id(key), user_id)
         return SimUser(user_id, key)
 
-    def add_auth_key(self, user_id: int) -> bytes:
+    def new_auth_key(self, user_id: int) -> bytes:
         """A fresh auth key signed in as user_id (a second session for one account)."""
         key = os.urandom(256)
         with self._lock, self._state.transaction():
             self._require_user(user_id)
             self._state.bind_key(auth_key_id(key), user_id)
         return key
+
+    add_auth_key = new_auth_key
 
     def set_premium(self, user_id: int, premium: bool) -> None:
         with self._lock, self._state.transaction():
