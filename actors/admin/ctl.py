@@ -80,17 +80,18 @@ def socket_from_config(path: Path) -> Path:
     except Exception:
         pass
     try:
-        with open(path, "rb") as fh:
+        with open(path.expanduser(), "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
         raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
-    base = path.resolve().parent
     daemon = data.get("daemon") if isinstance(data.get("daemon"), dict) else {}
     admin = data.get("admin") if isinstance(data.get("admin"), dict) else {}
-    state_dir = base / str(daemon.get("state_dir", "."))
-    return state_dir / str(admin.get("socket", "stashd.sock"))
+    # Same rules as config.loader: state_dir against the file's directory,
+    # admin.socket (default "stashd.sock") against state_dir, "~" expanded.
+    state_dir = path.expanduser().resolve().parent / Path(str(daemon.get("state_dir", "."))).expanduser()
+    return state_dir / Path(str(admin.get("socket", "stashd.sock"))).expanduser()
 
 
 # ---------------------------------------------------------------- formatting
