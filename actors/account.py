@@ -142,10 +142,10 @@ class AccountActor(LoopActor):
 
     # -- life cycle --------------------------------------------------------------------
     async def on_start(self) -> None:
+        record = self._storage.get_account(self.name)  # before "starting" overwrites a pause
+        paused = self._start_paused or (record is not None and record.state == "paused")
         self._set_state("starting")
         self._ledger.load(self._storage.active_flood_waits(self.name))
-        record = self._storage.get_account(self.name)
-        paused = self._start_paused or (record is not None and record.state == "paused")
         if self._client_factory is not None:
             self._client = self._client_factory()
         else:
@@ -212,11 +212,7 @@ class AccountActor(LoopActor):
     def _set_state(self, state: str, *, persist: bool = True) -> None:
         self._state = state
         if persist:
-            try:
-                self._storage.set_account_state(self.name, state)
-            except Exception as exc:  # noqa: BLE001 - e.g. account row not created yet
-                self._storage.upsert_account(self.name, state=state)
-                self._log.debug("set_account_state fell back to upsert: {!r}", exc)
+            self._storage.set_account_state(self.name, state)
         self._metrics.state(state)
         if self._listener is not None:
             try:

@@ -129,6 +129,9 @@ def inbox_depth(ref: pykka.ActorRef) -> int:
 class LoopActor(pykka.ThreadingActor):
     """ThreadingActor whose thread runs an asyncio loop continuously (see module doc)."""
 
+    actor_thread: threading.Thread | None = None
+    """The actor's thread (set when it starts): the only thread running its handlers."""
+
     stop_grace_seconds: ClassVar[float] = 5.0
     """How long ``stop()`` lets in-flight async handlers finish before cancelling them."""
 
@@ -158,6 +161,7 @@ class LoopActor(pykka.ThreadingActor):
 
     # -- the actor loop ----------------------------------------------------------------
     def _actor_loop(self) -> None:
+        self.actor_thread = threading.current_thread()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop_actor_loop = loop
