@@ -244,3 +244,48 @@ def test_bandwidth_cap_holds_across_concurrent_requests(threaded_server, sim_dir
     elapsed, total = asyncio.run(run())
     assert total > 500_000
     assert elapsed >= total / bps
+
+
+def test_control_post_document_and_topic_text(threaded_server, sim_dir, tmp_path):
+    control = SimControl(threaded_server.socket_path)
+    source = tmp_path / "big.bin"
+    source.write_bytes(payload(700_000, 3))
+    from_path = control.post("sim_source_a", path=source, caption="from a path")
+    from_bytes = control.post("Sim Forum", file_name="inline.zip", data=b"PK" + b"x" * 5000, topic="Games")
+    text = control.post("sim_forum", text="hello games", topic="Games", sender="bob")
+    messages = {(m["channel_id"], m["id"]): m for m in control.inspect()["messages"]}
+    a = control.inspect("sim_source_a")["channels"][0]["id"]
+    forum = control.inspect("sim_forum")
+    f, games = forum["channels"][0]["id"], next(t["id"] for t in forum["topics"] if t["title"] == "Games")
+    assert messages[(a, from_path)]["file_name"] == "big.bin" and messages[(a, from_path)]["size"] == 700_000
+    assert messages[(f, from_bytes)]["topic_id"] == games and messages[(f, from_bytes)]["size"] == 5002
+    assert messages[(f, text)]["text"] == "hello games"
+
+    async def bob_reads_topic():
+        client = client_for(sim_dir, "bob")
+        await client.connect()
+        try:
+            got = await client.get_messages("sim_forum", reply_to=games, limit=10)
+            return {m.id for m in got}
+        finally:
+            await client.disconnect()
+
+    assert {from_bytes, text} <= asyncio.run(bob_reads_topic())
+
+
+def test_garbage_frames_do_not_stop_the_server(threaded_server):
+    import socket as socketlib
+    import struct
+
+    for frame in (b"\x00\x00\x00\x03abc", struct.pack(">I", 1 << 30), b"\x00\x00\x00\x01\xc1", b"\x00\x00"):
+        with socketlib.socket(socketlib.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(threaded_server.socket_path))
+            sock.sendall(frame)
+            sock.shutdown(socketlib.SHUT_WR)
+            while sock.recv(65536):
+                pass  # an error reply, then the server closes
+    control = SimControl(threaded_server.socket_path)
+    assert control.ping()["pid"] == os.getpid()
+    with pytest.raises(Exception, match="unknown op"):
+        control.call("explode")

@@ -123,7 +123,8 @@ class _Seeder:
             auth_key = None
         if user.session and not session_path.exists():
             if auth_key is None:
-                auth_key = self.world.add_auth_key(user_id)
+                new_key = getattr(self.world, "new_auth_key", None) or self.world.add_auth_key
+                auth_key = new_key(user_id)
             self._write_session(session_path, auth_key)
         return user_id
 
