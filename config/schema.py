@@ -429,7 +429,8 @@ class Section:
     def parse(self, data: Any, path: str, errors: list[str]) -> dict[str, Any]:
         """The keys present in ``data``, parsed (``INVALID`` where they failed)."""
         if not isinstance(data, Mapping):
-            errors.append(f"{path}: expected a table ([{path}]), got {quote(data)}")
+            hint = "" if "[" in path else f" ([{path}])"
+            errors.append(f"{path}: expected a table{hint}, got {quote(data)}")
             return {}
         values: dict[str, Any] = {}
         for key, value in data.items():
