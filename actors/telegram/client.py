@@ -62,6 +62,8 @@ def build_client(
     the same DC (a session that migrated to its home DC keeps it).
     """
     tg = settings.telegram
+    if tg.mode not in ("real", "simulated"):
+        raise ValueError(f"telegram.mode must be 'real' or 'simulated', not {tg.mode!r}")
     session = open_session(session_path)
     if tg.mode == "simulated":
         from actors.telegram.sim.client import make_sim_client
@@ -75,8 +77,6 @@ def build_client(
                 return RemoteTransport(socket_path)
 
         return make_sim_client(session, transport_factory, flood_sleep_threshold=0)
-    if tg.mode != "real":
-        raise ValueError(f"telegram.mode must be 'real' or 'simulated', not {tg.mode!r}")
     if tg.rsa_key_file:
         load_rsa_key(tg.rsa_key_file)
     endpoint = _endpoint(tg)

@@ -387,3 +387,32 @@ def test_connection_failure_on_start_stops_the_actor(env):
     assert ref.actor_stopped.wait(T)
     with pytest.raises(pykka.ActorDeadError):
         ask(ref, GetAccountInfo())
+
+
+def test_metrics_count_requests_floods_and_state(env):
+    from prometheus_client import CollectorRegistry
+
+    from actors.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    ref = AccountActor.start(
+        "alice", env.sessions["alice"], env.settings, env.storage, metrics, env.clock,
+        client_factory=env.client_factory("alice"),
+    )
+    ask(ref, GetHistory(env.src))
+    env.world.set_fault(Fault(kind="flood", request="SaveFilePartRequest", seconds=12))
+    with pytest.raises(FloodWaitError):
+        ask(ref, UploadPart(1, 0, 1, b"\0" * 1024, False))
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, labels)
+
+    assert value("stashd_telegram_requests_total", account="alice", method="GetHistoryRequest", result="ok") == 1
+    assert value("stashd_telegram_requests_total", account="alice", method="SaveFilePartRequest",
+                 result="flood") == 1
+    assert value("stashd_floodwait_seconds_total", account="alice", method="SaveFilePartRequest") == 12
+    assert value("stashd_account_state", account="alice", state="ready") == 1
+    ask(ref, Pause())
+    assert value("stashd_account_state", account="alice", state="paused") == 1
+    assert not value("stashd_account_state", account="alice", state="ready")
