@@ -149,16 +149,22 @@ def _crash_hook(daemon) -> None:
     times = int(count or 1)
 
     def crash() -> None:
+        crashed: set[str] = set()
         for _ in range(times):
             deadline = time.monotonic() + 30
             ref = None
-            while time.monotonic() < deadline:
-                ref = daemon.account_ref(name) if daemon.supervisor and daemon.supervisor.is_alive() else None
-                if ref is not None:
+            while time.monotonic() < deadline:  # wait for a live incarnation not crashed yet
+                try:
+                    ref = daemon.account_ref(name)
+                except Exception:  # the supervisor is gone: nothing left to crash
+                    return
+                if ref is not None and ref.actor_urn not in crashed and ref.is_alive():
                     break
-                time.sleep(0.05)
+                ref = None
+                time.sleep(0.02)
             if ref is None:
                 return
+            crashed.add(ref.actor_urn)
             ref.stop(block=True, timeout=10)
 
     threading.Thread(target=crash, name="test-crash-hook", daemon=True).start()
