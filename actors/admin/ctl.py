@@ -30,27 +30,53 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- arguments
 
 
+def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+    """Global options, accepted before or after the command (``stashctl status --json``)."""
+    d = (lambda v: v) if default is None else (lambda v: default)
+    parser.add_argument("--socket", metavar="PATH", default=d(None),
+                        help="admin socket (default: $STASHD_SOCKET, else the config's "
+                        f"admin.socket, else {DEFAULT_SOCKET})")
+    parser.add_argument("--config", metavar="FILE", default=d(None),
+                        help="read admin.socket from this stashd.toml")
+    parser.add_argument("--json", action="store_true", default=d(False),
+                        help="print the raw result as JSON")
+    parser.add_argument("--timeout", type=float, default=d(10.0), metavar="S",
+                        help="seconds to wait for the daemon (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stashctl",
+        usage="stashctl [--socket PATH | --config FILE] [--json] [--timeout S] COMMAND [ARGS]",
         description="Control a running stashd through its admin socket.",
         epilog="Exit codes: 0 ok, 1 command failed, 2 usage error, 3 daemon not reachable.",
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help="admin socket (default: $STASHD_SOCKET, "
-                       f"else the config's admin.socket, else {DEFAULT_SOCKET})")
-    where.add_argument("--config", metavar="FILE", help="read admin.socket from this stashd.toml")
-    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                        help="seconds to wait for the daemon (default 10)")
+    _add_common(parser, None)
+    # The same options after the command must not reset what came before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
-    sub.add_parser("status", help="daemon version, uptime, actors, accounts")
-    sub.add_parser("accounts", help="each account: state, Premium, upload limit, cooldowns")
-    for name, text in (("pause", "stop giving an account work"), ("resume", "give a paused account work again")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("account", metavar="ACCOUNT")
-    sub.add_parser("shutdown", help="graceful stop, like SIGTERM")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text, description=text, prog=f"stashctl {name}")
+
+    command("status", "daemon version, uptime, actors, accounts")
+    command("accounts", "each account: state, Premium, upload limit, cooldowns")
+    command("pause", "stop giving an account work").add_argument("account", metavar="ACCOUNT")
+    command("resume", "give a paused account work again").add_argument("account", metavar="ACCOUNT")
+    command("shutdown", "graceful stop, like SIGTERM")
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, or raise SystemExit like argparse (2 for usage errors, 0 for --help)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.socket and ns.config:
+        parser.error("--socket and --config are mutually exclusive")
+    if ns.timeout <= 0:
+        parser.error("--timeout must be positive")
+    return ns
 
 
 def command_args(ns: argparse.Namespace) -> dict:
@@ -246,14 +272,10 @@ def render(cmd: str, result: Any, *, as_json: bool, now: float) -> str:
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        ns = parse_args(argv)
     except SystemExit as exc:  # argparse: --help -> 0, bad usage -> 2
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if ns.timeout <= 0:
-        print("stashctl: --timeout must be positive", file=stderr)
-        return EXIT_USAGE
     try:
         path = resolve_socket(ns)
     except UsageError as exc:

@@ -147,7 +147,7 @@ def test_socket_from_config_defaults(tmp_path):
 
 
 def test_default_socket(monkeypatch):
-    ns = ctl.build_parser().parse_args(["status"])
+    ns = ctl.parse_args(["status"])
     assert ctl.resolve_socket(ns, env={}) == ctl.DEFAULT_SOCKET == ctl.Path("/run/stashd/stashd.sock")
 
 
@@ -159,3 +159,14 @@ def test_human_formats():
     assert ctl.cooldown_text(acct, NOW) == "10s (account) +1"
     assert ctl.cooldown_text({"cooldown_until": NOW - 5, "flood_waits": {}}, NOW) is None
     assert ctl.table(["A", "BB"], [["xxx", None]]) == "A    BB\nxxx  -"
+
+
+def test_global_options_also_after_the_command(server, capsys, daemon):
+    rc, out, _ = run(capsys, "status", "--json", "--socket", str(server.path))
+    assert rc == 0 and json.loads(out) == daemon.dispatch("status", {})
+    # an option given before the command is not reset by the subcommand's defaults
+    rc, out, _ = run(capsys, "--json", "--socket", str(server.path), "accounts")
+    assert rc == 0 and json.loads(out) == sample_accounts()
+    rc, out, _ = run(capsys, "--socket", str(server.path), "pause", "alice", "--json")
+    assert rc == 0 and json.loads(out) == {"account": "alice", "state": "paused"}
+    assert ctl.main(["--socket", "/x", "status", "--config", "/y"]) == 2
