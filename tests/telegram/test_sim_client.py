@@ -439,3 +439,24 @@ def test_exported_sender_and_concurrent_requests(env):
     assert user_id == env.alice.user_id and results == [True] * 8
     keys = {e[0] for e in env.world.request_log}
     assert auth_key_id(env.alice.auth_key) in keys and len(keys) >= 2
+
+
+def test_search_documents_and_total_count(env):
+    env.world.post_text(env.dest, env.alice.user_id, "text only")
+    doc = env.world.post_document(env.dest, env.alice.user_id, "a.7z.001", b"7z" * 50, caption="part one")
+    env.world.post_document(env.dest, env.alice.user_id, "b.rar", b"Rar!" * 9, caption="other")
+
+    async def main():
+        client = await connected(env, env.alice)
+        entity = await client.get_entity("stash_archive")
+        docs = [m.file.name async for m in client.iter_messages(
+            entity, filter=types.InputMessagesFilterDocument, wait_time=0)]
+        found = [m.id async for m in client.iter_messages(entity, search="part one", wait_time=0)]
+        total = (await client.get_messages(entity, limit=0)).total
+        await client.disconnect()
+        return docs, found, total
+
+    docs, found, total = run(main())
+    assert docs == ["b.rar", "a.7z.001"]
+    assert found == [doc]
+    assert total == 4  # the channel-created service message counts too

@@ -161,3 +161,17 @@ def test_session_file_is_private_and_loadable(tmp_path, world):
     session = SQLiteSession(str(path))
     assert session.auth_key.key == alice.auth_key and session.dc_id == 2
     session.close()
+
+
+def test_a_bug_in_a_handler_is_a_clean_400(world, monkeypatch):
+    from actors.telegram.sim import handlers
+
+    alice = world.create_user("A")
+
+    def broken(ctx, req):
+        raise KeyError("oops")
+
+    monkeypatch.setitem(handlers.HANDLERS, functions.updates.GetStateRequest, broken)
+    with pytest.raises(SimRpcError) as info:
+        call(world, alice, functions.updates.GetStateRequest())
+    assert (info.value.code, info.value.message) == (400, "SIM_INTERNAL_ERROR")

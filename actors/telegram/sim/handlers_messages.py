@@ -82,18 +82,16 @@ def get_dialogs(ctx: Ctx, req):
 def _slice(ctx: Ctx, channel_id: int, where: str, args: tuple, req):
     """Telegram's offset_id/offset_date/add_offset/limit/min_id/max_id window over
     live messages sorted newest first."""
-    if req.limit < 0 or req.limit > PAGE_LIMIT:
-        limit = PAGE_LIMIT
-    else:
-        limit = req.limit or PAGE_LIMIT
+    limit = min(max(req.limit, 0), PAGE_LIMIT)  # limit=0: only the count, as Telegram does
     rows = ctx.state.all(
         f"SELECT * FROM messages WHERE channel_id=? AND deleted=0 {where} ORDER BY id DESC",
         channel_id, *args,
     )
+    offset_date = getattr(req, "offset_date", None) or getattr(req, "max_date", None)
     if req.offset_id:
         position = sum(1 for r in rows if r["id"] >= req.offset_id)
-    elif req.offset_date and req.offset_date.timestamp() > 0:
-        ts = req.offset_date.timestamp()
+    elif offset_date and offset_date.timestamp() > 0:
+        ts = offset_date.timestamp()
         position = sum(1 for r in rows if r["date"] >= ts)
     else:
         position = 0

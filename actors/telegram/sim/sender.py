@@ -182,6 +182,9 @@ class SimSender(MTProtoSender):
                 except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
                     self._start_reconnect(e)
                     continue
+                except Exception as e:  # a transport bug must reach the caller, not hang it
+                    _set(future, exception=e)
+                    return
                 try:
                     with BinaryReader(body) as reader:
                         result = request.read_result(reader)

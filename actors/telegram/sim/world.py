@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from loguru import logger
 from telethon.crypto import AuthKey
 
 from .errors import SimRpcError
@@ -91,8 +92,14 @@ class SimWorld:
             self._faults.raise_for(name, user_id)
             ctx = Ctx(self, self._state, auth_key_id, user_id, self.clock())
             self._after = []
-            with self._state.transaction():
-                result = handle(ctx, obj)
+            try:
+                with self._state.transaction():
+                    result = handle(ctx, obj)
+            except SimRpcError:
+                raise
+            except Exception as exc:  # a bug in the simulation: loud log, clean 400 (never a hang)
+                logger.opt(exception=exc).bind(actor="sim").error("simulated {} failed", name)
+                raise SimRpcError(400, "SIM_INTERNAL_ERROR") from exc
             after, self._after = self._after, []
             for action in after:
                 action()
