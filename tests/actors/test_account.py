@@ -10,7 +10,7 @@ import time
 import pykka
 import pytest
 
-import config
+from config.loader import settings_from_dict
 from actors.account import AccountActor
 from actors.account_messages import (
     DeletedResult,
@@ -39,7 +39,7 @@ from actors.telegram.errors import (
 )
 from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
-from storage import open_storage
+from storage.database import open_storage
 
 T = 20  # every ask is bounded
 KIB, MIB = 1024, 1024 * 1024
@@ -79,7 +79,7 @@ class Env:
         self.forum = w.create_channel("Forum", forum=True, members=users)
         self.dest = w.create_channel("Stash", username="stash_archive", admins=users)
         self.hidden = w.create_channel("Hidden", members=[self.bob.user_id])
-        self.settings = config.settings_from_dict(
+        self.settings = settings_from_dict(
             {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
             base_dir=tmp_path, env={},
         )

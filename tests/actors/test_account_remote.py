@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-import config
+from config.loader import settings_from_dict
 from actors.account import AccountActor
 from actors.account_messages import GetAccountInfo, GetDialogs, GetHistory
 from actors.telegram.session import discover_sessions
 from actors.telegram.sim.remote import SimControl
 from actors.telegram.sim.seed import seed_world
 from actors.telegram.sim.server import SimServer
-from storage import open_storage
+from storage.database import open_storage
 
 T = 20
 
@@ -26,7 +26,7 @@ def served(tmp_path):
 
 
 def test_seeded_accounts_over_the_sim_socket(tmp_path, served):
-    settings = config.settings_from_dict(
+    settings = settings_from_dict(
         {
             "daemon": {"state_dir": str(tmp_path), "sessions_dir": str(tmp_path / "sessions")},
             "telegram": {"mode": "simulated", "sim_socket": str(served.socket_path)},

@@ -8,7 +8,7 @@ import pytest
 import rsa as pyrsa
 from telethon.crypto import rsa as tg_rsa
 
-import config
+from config.loader import settings_from_dict
 from actors.telegram.client import build_client, open_session
 from actors.telegram.session import discover_sessions
 
@@ -19,7 +19,7 @@ def _settings(tmp_path, **telegram):
         "telegram": {"mode": "real", "api_id": 12345, "api_hash": "0123456789abcdef", **telegram},
         "accounts": [{"session": "carol", "paused": True}, {"session": "alice", "enabled": False}],
     }
-    return config.settings_from_dict(data, base_dir=tmp_path, env={})
+    return settings_from_dict(data, base_dir=tmp_path, env={})
 
 
 def test_discover_sessions_merges_files_and_config_and_fixes_mode(tmp_path):
@@ -72,7 +72,7 @@ def test_rsa_key_file_is_added_to_telethon(tmp_path):
 
 
 def test_simulated_mode_builds_the_sim_client(tmp_path):
-    settings = config.settings_from_dict(
+    settings = settings_from_dict(
         {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}}, base_dir=tmp_path, env={})
     client = build_client(settings, tmp_path / "s.session", transport_factory=lambda: None)
     try:
