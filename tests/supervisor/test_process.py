@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from actors.admin.client import call as admin_call
-from actors.demo import SimServerProcess
-from actors.telegram.sim.remote import SimControl
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +32,6 @@ def wait_for(condition, timeout=20.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sim")
-    server = SimServerProcess(base / "sim", base / "sim" / "sim.sock").start()
-    SimControl(server.socket_path).seed(base / "seeded-sessions")
-    yield server, base / "seeded-sessions"
-    server.stop()
 
 
 def env(**extra):
@@ -123,10 +112,13 @@ def test_run_notify_status_sigusr1_sigterm(tmp_path, sim):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
-    proc = stashd("run", "--config", str(config), env=env(NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
+    proc = stashd("run", "--config", str(config),
+                  env=env(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="200000"))
     try:
         msgs = []
         while not any(m.startswith("READY=1") for m in msgs):
+            msgs.append(notify.recv(4096).decode())
+        while "WATCHDOG=1" not in msgs:  # pinged every 0.1 s while the actors are healthy
             msgs.append(notify.recv(4096).decode())
         sock = tmp_path / "stashd.sock"
         assert sock.exists() and (sock.stat().st_mode & 0o777) == 0o600
