@@ -89,6 +89,8 @@ def test_dialogs_and_entities_by_username_and_marked_id(env):
         dialogs = await client.get_dialogs()
         by_name = await client.get_entity("stash_archive")
         by_id = await client.get_entity(int(f"-100{env.src}"))
+        full = await client(functions.channels.GetFullChannelRequest(by_name))
+        assert full.full_chat.id == env.dest and full.full_chat.participants_count == 2
         await client.disconnect()
         return {d.entity.username for d in dialogs}, by_name, by_id
 
@@ -418,9 +420,15 @@ def test_sign_in_with_code_binds_a_new_session(env, tmp_path):
         await client.sign_in("+15550000002", code="12345")
         me = await client.get_me()
         await client.disconnect()
-        return me
+        # the generated key reached the session file through the auth-key callback
+        again = make_sim_client(tmp_path / "fresh.session", lambda: LocalTransport(env.world))
+        await again.connect()
+        me_again = await again.get_me()
+        await again.disconnect()
+        return me, me_again
 
-    assert run(main()).id == env.bob.user_id
+    me, me_again = run(main())
+    assert me.id == me_again.id == env.bob.user_id
     assert (tmp_path / "fresh.session").exists()
 
 
