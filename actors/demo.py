@@ -250,16 +250,15 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
     if setup_logging is not None:
         setup_logging(settings)
     sim = None
-    daemon = None
+    daemon = Daemon(settings, config_path=config_path)
+    if keep_running:  # before the sim server starts, so a SIGTERM never orphans it
+        daemon.install_signal_handlers()
     try:
         sim = ensure_sim_server(settings)
         from actors.telegram.sim.remote import SimControl
         seeded = SimControl(settings.telegram.sim_socket).seed(settings.daemon.sessions_dir)
         log.info("seeded the simulated Telegram: {}", seeded.get("created", seeded) if isinstance(seeded, dict)
                  else seeded)
-        daemon = Daemon(settings, config_path=config_path)
-        if keep_running:
-            daemon.install_signal_handlers()
         daemon.start()
         infos = wait_until_ready(daemon)
         channels = {name: visible_channels(daemon, name) for name in infos}
@@ -278,8 +277,7 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
         print(f"stashd demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
-        if daemon is not None:
-            daemon.stop()
-            daemon.restore_signal_handlers()
+        daemon.stop()
+        daemon.restore_signal_handlers()
         if sim is not None:
             sim.stop()

@@ -209,3 +209,33 @@ def test_signals_dump_stacks_and_stop(tmp_path):
     out = buf.getvalue()
     assert "thread dump" in out and "MainThread" in out and "test_signals_dump_stacks_and_stop" in out
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_metrics_endpoint_shows_actor_gauges(tmp_path):
+    import urllib.request
+
+    from actors.demo import free_port
+
+    port = free_port()
+    settings = make_settings(tmp_path)
+    settings = settings.__class__(**{**settings.__dict__,
+                                     "metrics": settings.metrics.__class__(enabled=True, host="127.0.0.1", port=port)})
+    d = start_daemon(settings)
+    try:
+        d.account_ref("alice").tell("crash")
+
+        def scraped():
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            ok = ('stashd_actor_restarts_total{actor="account:alice"} 1.0' in body
+                  and "stashd_actors_alive 2.0" in body)
+            return body if ok else None
+
+        for _ in range(500):
+            body = scraped()
+            if body:
+                break
+            threading.Event().wait(0.01)
+        assert body, "restart and alive gauges never showed up"
+        assert 'stashd_actor_inbox_depth{actor="account:bob"} 0.0' in body
+    finally:
+        d.stop()

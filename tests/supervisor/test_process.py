@@ -197,3 +197,21 @@ def test_demo_then_run_on_the_same_state(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_demo_keep_running_until_sigterm(tmp_path):
+    demo_dir = tmp_path / "demo"
+    proc = stashd("demo", "--dir", str(demo_dir), "--keep-running")
+    try:
+        for line in proc.stdout:  # the summary is printed once every account is ready
+            if line.startswith("Running"):
+                break
+        status = admin_call(demo_dir / "stashd.sock", "status", timeout=5)
+        assert {a["name"] for a in status["accounts"]} == {"alice", "bob", "carol"}
+        assert stop(proc) == 0
+        assert not (demo_dir / "stashd.sock").exists()
+        assert not (demo_dir / "sim" / "sim.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
