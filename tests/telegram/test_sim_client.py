@@ -468,3 +468,34 @@ def test_search_documents_and_total_count(env):
     assert docs == ["b.rar", "a.7z.001"]
     assert found == [doc]
     assert total == 4  # the channel-created service message counts too
+
+
+def test_request_fails_cleanly_when_reconnecting_is_impossible(env):
+    opened = []
+
+    class DiesOnHistory(LocalTransport):
+        async def invoke(self, key, name, data):
+            if name == "GetHistoryRequest":
+                raise ConnectionError("server went away")
+            return await super().invoke(key, name, data)
+
+    def factory():
+        opened.append(1)
+        if len(opened) > 1:
+            raise ConnectionRefusedError("no server")
+        return DiesOnHistory(env.world)
+
+    path = write_session_file(env.tmp / "dying", env.alice.auth_key)
+
+    async def main():
+        client = make_sim_client(path, factory, connection_retries=2)
+        await client.connect()
+        entity = await client.get_entity("source")
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(client.get_messages(entity, limit=5), timeout=30)
+        connected_after = client.is_connected()
+        await client.disconnect()
+        return connected_after
+
+    assert run(main()) is False
+    assert len(opened) == 1 + 2

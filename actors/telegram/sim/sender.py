@@ -44,7 +44,7 @@ class SimSender(MTProtoSender):
         self._transport_factory = transport_factory
         self._transport = None
         self._ready = asyncio.Event()
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight: dict[asyncio.Task, list[asyncio.Future]] = {}
 
     @property
     def auth_key_id(self) -> int:
@@ -56,7 +56,15 @@ class SimSender(MTProtoSender):
             if self._user_connected:
                 return False
             self._connection = connection  # never opened; kept for code that looks at it
-            await self._open()
+            for _attempt in retry_range(self._retries):
+                try:
+                    await self._open()
+                    break
+                except (OSError, asyncio.TimeoutError) as e:
+                    self._log.warning("Simulated connect failed: %s: %s", type(e).__name__, e)
+                    await asyncio.sleep(self._delay)
+            else:
+                raise ConnectionError(f"Connection to Telegram failed {self._retries} time(s)")
             self._user_connected = True
             self._ready.set()
             return True
@@ -86,7 +94,14 @@ class SimSender(MTProtoSender):
             return
         self._user_connected = False
         self._ready.set()  # wake waiters so they see we are gone
-        tasks, self._inflight = list(self._inflight), set()
+        inflight, self._inflight = self._inflight, {}
+        for futures in inflight.values():
+            for future in futures:
+                if error and not future.done():
+                    future.set_exception(error)
+                else:
+                    future.cancel()
+        tasks = list(inflight)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -147,20 +162,20 @@ class SimSender(MTProtoSender):
         loop = helpers.get_running_loop()
         if not utils.is_list_like(request):
             future = loop.create_future()
-            self._spawn(self._run(request, bytes(request), future))
+            self._spawn(self._run(request, bytes(request), future), [future])
             return future
         items = [(r, bytes(r), loop.create_future()) for r in request]
         if ordered:
-            self._spawn(self._run_ordered(items))
+            self._spawn(self._run_ordered(items), [f for _r, _d, f in items])
         else:
             for item in items:
-                self._spawn(self._run(*item))
+                self._spawn(self._run(*item), [item[2]])
         return [future for _r, _d, future in items]
 
-    def _spawn(self, coro):
+    def _spawn(self, coro, futures: list[asyncio.Future]):
         task = helpers.get_running_loop().create_task(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight[task] = futures
+        task.add_done_callback(lambda t: self._inflight.pop(t, None))
 
     async def _run_ordered(self, items):
         for request, data, future in items:
