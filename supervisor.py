@@ -106,16 +106,14 @@ def cmd_run(config_path: Path) -> int:
     from loguru import logger
 
     from actors.daemon import Daemon
-    from actors.demo import ensure_sim_server
     from storage import SchemaVersionError
 
     log = logger.bind(actor="supervisor")
-    sim = None
-    daemon = Daemon(settings, config_path=config_path, on_reload_logging=_configure_logging)
+    daemon = Daemon(settings, config_path=config_path, on_reload_logging=_configure_logging,
+                    sim_autostart=True)
     daemon.install_signal_handlers()
     try:
         try:
-            sim = ensure_sim_server(settings)
             daemon.start()
         except SchemaVersionError as exc:
             log.error("refusing to start: {}", exc)
@@ -129,8 +127,6 @@ def cmd_run(config_path: Path) -> int:
     finally:
         daemon.stop()
         daemon.restore_signal_handlers()
-        if sim is not None:
-            sim.stop()
 
 
 def _crash_hook(daemon) -> None:

@@ -137,7 +137,8 @@ class Daemon:
                  notifier: Notifier | None = None, clock: Callable[[], float] = time.time,
                  account_starter: Callable[..., pykka.ActorRef] | None = None,
                  config_loader: Callable[[Path], Any] | None = None,
-                 on_reload_logging: Callable[[Any], None] | None = None):
+                 on_reload_logging: Callable[[Any], None] | None = None,
+                 sim_autostart: bool = False):
         self.settings = settings
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier()
@@ -145,6 +146,8 @@ class Daemon:
         self._account_starter = account_starter or _default_account_starter
         self._config_loader = config_loader
         self._on_reload_logging = on_reload_logging
+        self._sim_autostart = sim_autostart
+        self._sim = None
         self.storage = None
         self.metrics = None
         self.supervisor: pykka.ActorRef | None = None
@@ -181,6 +184,9 @@ class Daemon:
         self.notifier.status("opening storage")
         self.storage = open_storage(s.database.url, clock=self.clock)
         self.metrics = self._make_metrics()
+        if self._sim_autostart:  # simulated mode and no server answering: start one (after storage is fine)
+            from actors.demo import ensure_sim_server
+            self._sim = ensure_sim_server(s)
         plans = discover_accounts(s)
         self._accounts = {p.name: p for p in plans}
         self._paused = {p.name for p in plans if p.paused}
@@ -329,6 +335,8 @@ class Daemon:
             _quietly(self.metrics_server.stop, "metrics endpoint")
         if self.storage is not None:
             _quietly(self.storage.close, "storage")
+        if self._sim is not None:
+            _quietly(self._sim.stop, "simulated Telegram server")
         self._waker.close()
         self.state = "stopped"
         log.info("stopped")

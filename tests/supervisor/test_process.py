@@ -73,6 +73,16 @@ stop_timeout_seconds = 5
     return config
 
 
+def finish(proc, timeout=60):
+    """communicate() that never leaves the process behind."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 def stop(proc, timeout=15):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -99,7 +109,7 @@ def test_config_errors_exit_2_and_nothing_starts(tmp_path):
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\nlog_levle = "INFO"\n'
                       '[metrics]\nport = "nine"\n[telegram]\nmode = "real"\n')
     proc = stashd("run", "--config", str(config), env=env(STASHD_API_ID="", STASHD_API_HASH=""))
-    out, err = proc.communicate(timeout=30)
+    out, err = finish(proc, 30)
     assert proc.returncode == 2, err
     assert "log_levle" in err and "did you mean" in err
     assert "metrics.port" in err
@@ -180,7 +190,7 @@ def test_restart_intensity_exits_nonzero(tmp_path, sim):
 def test_demo_then_run_on_the_same_state(tmp_path):
     demo_dir = tmp_path / "demo"
     proc = stashd("demo", "--dir", str(demo_dir))
-    out, err = proc.communicate(timeout=90)
+    out, err = finish(proc, 90)
     assert proc.returncode == 0, err
     assert "bob" in out and "Premium: bob" in out
     assert "Stash Archive" in out
@@ -215,3 +225,26 @@ def test_demo_keep_running_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_newer_database_schema_exits_2_before_anything_starts(tmp_path):
+    from storage.migrations import MIGRATIONS, MigrationConnection, migrate
+    from storage.url import parse_url
+
+    url = f"sqlite:///{tmp_path / 'stashd.db'}"
+    parsed = parse_url(url)
+    conn = MigrationConnection(parsed.connect_raw(create=True), parsed.dialect)
+    try:
+        migrate(conn, target=len(MIGRATIONS) + 1,
+                migrations=MIGRATIONS + (("CREATE TABLE from_the_future (x BIGINT)",),))
+    finally:
+        conn.raw.close()
+    config = tmp_path / "stashd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[telegram]\nmode = "simulated"\n'
+                      '[metrics]\nenabled = false\n')
+    proc = stashd("run", "--config", str(config))
+    out, err = finish(proc, 30)
+    assert proc.returncode == 2, err
+    assert "upgrade stashd" in err
+    assert not (tmp_path / "stashd.sock").exists()
+    assert not (tmp_path / "sim").exists()  # the sim server was not started either
