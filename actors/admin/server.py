@@ -228,6 +228,7 @@ class AdminServer:
                 )
                 self._conns[thread] = conn
         if busy:
+            conn.settimeout(1.0)  # on the accept thread: never block it on a peer
             self._send_quietly(conn, error_reply(None, protocol.BUSY, "too many admin connections"))
             conn.close()
             return
