@@ -85,6 +85,7 @@ class AdminServer:
         self._lock = threading.Lock()
         self._conns: dict[threading.Thread, socket.socket] = {}
         self._stopping = threading.Event()
+        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -93,15 +94,20 @@ class AdminServer:
             raise AdminServerError("admin server already started")
         if len(os.fsencode(self.path)) > _MAX_UNIX_PATH:
             raise AdminServerError(f"admin socket path is too long for a Unix socket: {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise AdminServerError(f"cannot create {self.path.parent}: {exc}") from exc
         self._clear_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
         try:
             # The umask makes the socket 0600 from the moment it exists; the chmod
             # is belt and braces (and documents the intent).
             old_umask = os.umask(0o177)
             try:
                 listener.bind(str(self.path))
+                bound = True
             finally:
                 os.umask(old_umask)
             os.chmod(self.path, 0o600)
@@ -110,10 +116,13 @@ class AdminServer:
             listener.listen(min(64, max(self.max_connections, 8)))
         except OSError as exc:
             listener.close()
+            if bound:
+                self.path.unlink(missing_ok=True)
             raise AdminServerError(f"cannot listen on {self.path}: {exc}") from exc
         self._listener = listener
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping.clear()
+        self._closing = False
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="admin-accept", daemon=True
         )
@@ -123,8 +132,10 @@ class AdminServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listener, end every connection, remove the socket file. Idempotent."""
-        if self._listener is None:
-            return
+        with self._lock:  # a second, concurrent stop() returns at once
+            if self._listener is None or self._closing:
+                return
+            self._closing = True
         self._stopping.set()
         try:
             self._wake_w.send(b"x")
