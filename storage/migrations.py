@@ -48,8 +48,13 @@ class MigrationConnection:
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
             ).fetchone()
             return row is not None
-        row = self.execute("SELECT to_regclass(?)", (name,)).fetchone()
-        return row[0] is not None
+        # A plain MVCC read of the catalog: to_regclass() may answer from a
+        # stale cache after waiting on the migration lock.
+        row = self.execute(
+            "SELECT 1 FROM pg_catalog.pg_tables "
+            "WHERE schemaname = current_schema() AND tablename = ?", (name,)
+        ).fetchone()
+        return row is not None
 
 
 Step = Union[str, Callable[[MigrationConnection], None]]
@@ -118,18 +123,22 @@ def _check_not_newer(version: int | None, supported: int) -> None:
 def migrate(
     conn: MigrationConnection,
     *,
-    target: int = CURRENT_VERSION,
+    target: int | None = None,
     create: bool = True,
     clock: Callable[[], float] = time.time,
     migrations: Sequence[Sequence[Step]] = MIGRATIONS,
 ) -> list[int]:
-    """Bring the database to ``target``; return the versions applied (often none).
+    """Bring the database to ``target`` (default: the last of ``migrations``).
+
+    Returns the versions applied (usually none).
 
     Raises SchemaVersionError, before writing anything, when the database is
     newer than ``len(migrations)``; StorageError when ``create`` is false and the
     database has no schema yet.
     """
     supported = len(migrations)
+    if target is None:
+        target = supported
     if not 0 <= target <= supported:
         raise ValueError(f"target version {target} outside 0..{supported}")
     version = read_version(conn)  # lock-free look first: refuse without writing
