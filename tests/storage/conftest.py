@@ -1,11 +1,4 @@
-"""Helpers for the storage tests: an injectable clock and raw catalog access.
-
-Storage tests import from submodules (``storage.database``...), never from the
-``storage`` package itself: when pytest puts tests/ on sys.path, the directory
-tests/storage/ is found first as a namespace package named ``storage`` and the
-package's ``__init__`` is never run (submodules still resolve through the
-editable install).
-"""
+"""Helpers for the storage tests: an injectable clock and raw catalog access."""
 from __future__ import annotations
 
 import pytest

@@ -5,11 +5,14 @@ import dataclasses
 
 import pytest
 
-# Import from submodules: under plain `pytest` tests/storage/ can shadow the
-# package itself (see the note in tests/storage/conftest.py).
-from storage.database import open_storage
-from storage.errors import StorageError
-from storage.records import AccountRecord, ChannelRecord, FloodWaitRecord
+from storage import (
+    AccountRecord,
+    ChannelRecord,
+    FloodWaitRecord,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 BIG_USER_ID = 7_123_456_789  # over int32
 BIG_CHANNEL_ID = -1_002_345_678_901
@@ -20,6 +23,10 @@ def store(db_url, clock):
     s = open_storage(db_url, clock=clock)
     yield s
     s.close()
+
+
+def test_open_storage_returns_a_storage(store):
+    assert isinstance(store, Storage)
 
 
 def test_new_account_defaults_and_fields(store, clock):
