@@ -20,6 +20,7 @@ from typing import Callable, Sequence, Union
 from loguru import logger
 
 from storage.errors import SchemaVersionError, StorageError
+from storage.url import SQLITE_BUSY_TIMEOUT_MS
 
 # Any constant works; it only has to be the same for every stashd process.
 PG_MIGRATION_LOCK_KEY = 0x57A5_4D00_0001
@@ -127,6 +128,7 @@ def migrate(
     create: bool = True,
     clock: Callable[[], float] = time.time,
     migrations: Sequence[Sequence[Step]] = MIGRATIONS,
+    lock_timeout_seconds: float = 60.0,
 ) -> list[int]:
     """Bring the database to ``target`` (default: the last of ``migrations``).
 
@@ -152,10 +154,20 @@ def migrate(
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode and str(mode[0]).lower() != "wal":  # pragma: no cover - odd filesystems
             logger.warning("SQLite refused WAL journal mode (got {})", mode[0])
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"PRAGMA busy_timeout = {int(lock_timeout_seconds * 1000)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     else:
         conn.execute("BEGIN")
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK_KEY,))
+        try:
+            conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_seconds * 1000)}")
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK_KEY,))
+            conn.execute("SET LOCAL lock_timeout = 0")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     applied: list[int] = []
     try:
         version = read_version(conn)  # again, under the lock

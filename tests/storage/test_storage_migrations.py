@@ -8,7 +8,14 @@ import pytest
 
 from storage.database import open_storage
 from storage.errors import SchemaVersionError, StorageError
-from storage.migrations import CURRENT_VERSION, MIGRATIONS, MigrationConnection, migrate, read_version
+from storage.migrations import (
+    CURRENT_VERSION,
+    MIGRATIONS,
+    PG_MIGRATION_LOCK_KEY,
+    MigrationConnection,
+    migrate,
+    read_version,
+)
 from storage.url import parse_url
 
 
@@ -189,3 +196,22 @@ def test_callable_migration_steps_get_the_dialect(db_url, raw_db):
     migrate(raw_db.conn, migrations=MIGRATIONS + ((step,),))
     assert seen == [raw_db.url.dialect]
     assert "by_callable" in raw_db.tables()
+
+
+def test_waiting_for_another_migration_times_out_instead_of_hanging(db_url, raw_db):
+    holder = _raw_migration_conn(db_url)
+    conn = _raw_migration_conn(db_url)
+    try:
+        if holder.dialect == "sqlite":
+            holder.execute("BEGIN IMMEDIATE")
+        else:
+            holder.execute("BEGIN")
+            holder.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK_KEY,))
+        with pytest.raises(Exception, match="lock"):
+            migrate(conn, lock_timeout_seconds=0.2)
+        holder.execute("ROLLBACK")
+        assert read_version(raw_db.conn) is None
+        assert migrate(conn) == list(range(1, CURRENT_VERSION + 1))  # the connection is still usable
+    finally:
+        holder.raw.close()
+        conn.raw.close()
