@@ -3,6 +3,12 @@
 Entities are defined inside ``define_entities(db)`` so every ``Database`` (every
 Storage, every test) gets its own classes. They never leave a ``db_session``:
 the repository converts them to the frozen records in storage.records.
+
+Adding a table (transfers, parts, claims...): append a numbered migration to
+storage.migrations.MIGRATIONS that creates it, map an entity onto it here
+(``_table_``, ``column=`` where names differ; ``int`` ids with ``size=64``), and
+put its queries in a small repository module that uses ``run_in_session``.
+``generate_mapping(check_tables=True)`` fails loudly if the two disagree.
 """
 from __future__ import annotations
 

@@ -195,3 +195,17 @@ def test_two_storages_share_one_database(db_url, clock):
     finally:
         a.close()
         b.close()
+
+
+def test_sqlite_connections_get_the_pragmas(sqlite_url):
+    from pony.orm import db_session
+
+    store = open_storage(sqlite_url)
+    try:
+        with db_session:
+            got = {p: store.db.execute(f"PRAGMA {p}").fetchone()[0]
+                   for p in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
+        assert got == {"journal_mode": "wal", "busy_timeout": 30000, "foreign_keys": 1,
+                       "synchronous": 1}  # 1 = NORMAL
+    finally:
+        store.close()
