@@ -16,6 +16,10 @@ from storage.models import define_entities
 from storage.repository import Storage
 from storage.url import SQLITE_BUSY_TIMEOUT_MS, DatabaseUrl, parse_url
 
+# Pony imports its provider module inside Database.bind(); two threads opening
+# storage at once can see it half-imported, so binds are serialised.
+_BIND_LOCK = threading.Lock()
+
 SQLITE_PRAGMAS = (
     f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}",  # first: the others may wait
     "PRAGMA journal_mode = WAL",
@@ -61,7 +65,8 @@ def _bind(url: DatabaseUrl, *, create: bool) -> tuple[Database, object, list]:
 
     entities = define_entities(db)
     try:
-        db.bind(**url.pony_bind_args(create=create))
+        with _BIND_LOCK:
+            db.bind(**url.pony_bind_args(create=create))
         db.generate_mapping(create_tables=False, check_tables=True)
     except (DBException, OrmError, OSError) as exc:
         for con in connections:

@@ -121,6 +121,25 @@ def _check_not_newer(version: int | None, supported: int) -> None:
         raise SchemaVersionError(version, supported)
 
 
+def _enable_wal(conn: MigrationConnection, timeout: float):
+    """Switch to WAL, waiting for other connections.
+
+    SQLite does not call the busy handler for a journal-mode change, so a
+    concurrent opener holding the file gets "database is locked" at once;
+    retry with a short backoff until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except Exception as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 def migrate(
     conn: MigrationConnection,
     *,
@@ -151,7 +170,7 @@ def migrate(
         return []
 
     if conn.dialect == "sqlite":
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = _enable_wal(conn, lock_timeout_seconds)
         if mode and str(mode[0]).lower() != "wal":  # pragma: no cover - odd filesystems
             logger.warning("SQLite refused WAL journal mode (got {})", mode[0])
         conn.execute(f"PRAGMA busy_timeout = {int(lock_timeout_seconds * 1000)}")
