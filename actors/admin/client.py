@@ -62,7 +62,13 @@ class AdminClient:
             self.connect()
         request_id = next(self._ids)
         try:
-            self._sock.sendall(encode_frame(make_request(request_id, cmd, args)))
+            try:
+                self._sock.sendall(encode_frame(make_request(request_id, cmd, args)))
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may refuse a connection (another uid, too busy)
+                # with an error reply and close before our request is sent:
+                # that reply is still waiting to be read.
+                pass
             reply = read_frame(self._sock, MAX_REPLY_BYTES)
         except socket.timeout as exc:
             self.close()
