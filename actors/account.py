@@ -66,6 +66,7 @@ from actors.account_messages import (
     UploadPart,
 )
 from actors.base import LoopActor
+from actors.supervision import SupervisedMixin
 from actors.telegram.errors import (
     AccountPausedError,
     AccountUnavailableError,
@@ -87,7 +88,7 @@ _FLOOD_ERRORS = (
 )
 
 
-class AccountActor(LoopActor):
+class AccountActor(SupervisedMixin, LoopActor):
     """One Telegram account.  See module doc and actors.account_messages."""
 
     def __init__(
