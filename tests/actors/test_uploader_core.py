@@ -1,0 +1,170 @@
+"""PartScheduler: plain logic, property-tested with random interleavings of events."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from actors.telegram.errors import (
+    CoolingDownError, FilePartMissingError, FloodWaitError, RpcError,
+)
+from actors.uploader_core import (
+    BIG_FILE_THRESHOLD, CHUNK_SIZE, Chunk, PartScheduler, TooManyPartsError,
+    flood_until, is_transient, missing_index,
+)
+from storage.manifest import PartPlan
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def plan(length, offset=0):
+    return PartPlan(index=0, offset=offset, length=length, sha256="0" * 64, file_name="f.bin",
+                    file_id=11, random_id=22, caption="c", chunk_hashes=())
+
+
+def test_chunks_cover_the_document_at_its_offset():
+    s = PartScheduler(plan(3 * CHUNK_SIZE + 5, offset=7 * MIB), window=10, clock=Clock())
+    assert (s.total, s.big) == (4, False)
+    chunks = s.next_chunks()
+    assert chunks == [Chunk(0, 7 * MIB, CHUNK_SIZE), Chunk(1, 7 * MIB + CHUNK_SIZE, CHUNK_SIZE),
+                      Chunk(2, 7 * MIB + 2 * CHUNK_SIZE, CHUNK_SIZE), Chunk(3, 7 * MIB + 3 * CHUNK_SIZE, 5)]
+
+
+def test_big_means_over_ten_mib_and_part_cap_is_enforced():
+    assert not PartScheduler(plan(BIG_FILE_THRESHOLD), window=1).big
+    assert PartScheduler(plan(BIG_FILE_THRESHOLD + 1), window=1).big
+    PartScheduler(plan(4 * CHUNK_SIZE), window=1, max_parts=4)
+    with pytest.raises(TooManyPartsError):
+        PartScheduler(plan(4 * CHUNK_SIZE + 1), window=1, max_parts=4)
+    with pytest.raises(ValueError):
+        PartScheduler(plan(10), window=0)
+
+
+def test_window_ack_and_journal_callback():
+    journal = []
+    s = PartScheduler(plan(5 * CHUNK_SIZE), window=2, clock=Clock(), on_ack=journal.append)
+    assert [c.index for c in s.next_chunks()] == [0, 1]
+    assert s.next_chunks() == []
+    s.ack(1)
+    assert [c.index for c in s.next_chunks()] == [2]
+    with pytest.raises(ValueError):
+        s.ack(1)  # not in flight any more
+    for i in (0, 2):
+        s.ack(i)
+    assert [c.index for c in s.next_chunks()] == [3, 4]
+    s.ack(3), s.ack(4)
+    assert s.done and journal == [1, 0, 2, 3, 4]
+
+
+def test_resume_from_journal_sends_only_the_rest():
+    s = PartScheduler(plan(6 * CHUNK_SIZE), window=10, acked={0, 1, 2}, clock=Clock())
+    assert [c.index for c in s.next_chunks()] == [3, 4, 5]
+    with pytest.raises(ValueError):
+        PartScheduler(plan(6 * CHUNK_SIZE), window=1, acked={6})
+
+
+def test_flood_parks_until_the_wait_ends_and_requeues():
+    clock = Clock()
+    s = PartScheduler(plan(4 * CHUNK_SIZE), window=3, clock=clock)
+    s.next_chunks()
+    s.flood(1, clock.now + 30)
+    assert s.parked_until() == clock.now + 30
+    s.ack(0)
+    assert s.next_chunks() == []          # parked: nothing new, in-flight ones still settle
+    s.flood(2, clock.now + 10)            # an earlier end does not shorten the park
+    assert s.parked_until() == clock.now + 30 and s.attempts(1) == 0
+    clock.now += 30
+    assert s.parked_until() is None
+    assert [c.index for c in s.next_chunks()] == [1, 2, 3]
+
+
+def test_missing_requeues_the_chunk_and_everything_acked_before_it():
+    clock = Clock()
+    s = PartScheduler(plan(4 * CHUNK_SIZE), window=4, acked={0}, clock=clock)
+    s.next_chunks()
+    s.ack(1)
+    clock.now += 10
+    s.ack(2)
+    clock.now += 10
+    s.ack(3)
+    assert s.done
+    assert s.missing(2) == [0, 1, 2]      # journaled (oldest), older, itself; not the newer 3
+    assert not s.done and s.resent == 3
+    assert s.missing(1) == []             # already pending
+    assert [c.index for c in s.next_chunks()] == [0, 1, 2]
+    assert s.reset() == [3]
+
+
+def test_error_helpers():
+    assert missing_index(FilePartMissingError("SendMediaRequest", 3)) == 3
+    assert missing_index(RpcError("SendMediaRequest", 400, "FILE_PART_0_MISSING")) == 0
+    assert missing_index(RpcError("SendMediaRequest", 400, "MEDIA_INVALID")) is None
+    assert flood_until(FloodWaitError("X", 5, 105.0)) == 105.0
+    assert flood_until(CoolingDownError("X", 99.0)) == 99.0
+    assert flood_until(RpcError("X", 400, "Y")) is None
+    assert is_transient(RpcError("X", None, "connection failed"))
+    assert is_transient(RpcError("X", 500, "INTERNAL"))
+    assert not is_transient(RpcError("X", 400, "FILE_PARTS_INVALID"))
+
+
+# -- properties -------------------------------------------------------------------------
+EVENTS = st.lists(st.tuples(st.sampled_from(["next", "ack", "fail", "flood", "missing", "tick", "reset"]),
+                            st.integers(0, 10 ** 6)), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 12), window=st.integers(1, 5), journaled=st.sets(st.integers(0, 11)), events=EVENTS)
+def test_random_interleavings_never_lose_a_chunk(n, window, journaled, events):
+    clock = Clock()
+    journaled = {i for i in journaled if i < n}
+    acks = []
+    s = PartScheduler(plan(n * CHUNK_SIZE - 1), window=window, acked=journaled, clock=clock,
+                      on_ack=acks.append)
+    handed = []  # what the "network" holds in flight, mirrors s.in_flight
+
+    def check():
+        pending, flight, acked = list(s.pending), s.in_flight, s.acked
+        assert len(pending) == len(set(pending))
+        assert set(pending) | flight | acked == set(range(n))
+        assert not (set(pending) & flight or set(pending) & acked or flight & acked)
+        assert len(flight) <= window and flight == set(handed)
+        if s.parked_until() is not None:
+            assert s.next_chunks() == []
+
+    for kind, r in events:
+        if kind == "next":
+            handed += [c.index for c in s.next_chunks()]
+        elif kind in ("ack", "fail", "flood") and handed:
+            i = handed.pop(r % len(handed))
+            if kind == "ack":
+                s.ack(i)
+            elif kind == "fail":
+                s.failed(i)
+            else:
+                s.flood(i, clock.now + r % 50)
+        elif kind == "missing":
+            s.missing(r % n)
+        elif kind == "tick":
+            clock.now += r % 40
+        elif kind == "reset":
+            s.reset()
+        check()
+    # drain: the network answers everything, time passes; the document completes
+    for _ in range(4 * n + 10):
+        clock.now += 100
+        handed += [c.index for c in s.next_chunks()]
+        assert len(handed) <= window
+        while handed:
+            s.ack(handed.pop())
+        check()
+        if s.done:
+            break
+    assert s.done and s.acked == set(range(n)) and not s.pending and not s.in_flight
+    assert set(acks) | journaled == set(range(n))
