@@ -1,11 +1,11 @@
 """AccountActor with the real Telethon client on the in-process simulated Telegram."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import queue
 import threading
-import time
 
 import pykka
 import pytest
@@ -89,14 +89,15 @@ class Env:
         }
         self.storage = open_storage(db_url or f"sqlite:///{tmp_path / 'stashd.db'}", clock=self.clock)
 
-    def client_factory(self, name):
+    def client_factory(self, name, wrap_transport=lambda transport: transport):
         path = self.sessions[name]
-        return lambda: build_client(self.settings, path, transport_factory=lambda: LocalTransport(self.world))
+        return lambda: build_client(
+            self.settings, path, transport_factory=lambda: wrap_transport(LocalTransport(self.world)))
 
-    def start(self, name="alice", **kw):
+    def start(self, name="alice", wrap_transport=lambda transport: transport, **kw):
         ref = AccountActor.start(
             name, self.sessions[name], self.settings, self.storage, None, self.clock,
-            client_factory=self.client_factory(name), **kw,
+            client_factory=self.client_factory(name, wrap_transport), **kw,
         )
         return ref
 
@@ -212,17 +213,61 @@ def _upload(ref, data, part_size, file_id, big):
     return [f.get(timeout=T) for f in futures]
 
 
+class InFlightGate:
+    """Counts how many ``name`` requests are inside the transport at once, and holds
+    each one until ``quorum`` of them have arrived together.
+
+    Concurrent callers all get through together; serialised callers never reach the
+    quorum, so the first one gives up after ``give_up`` seconds (only then: a passing
+    run never waits on the clock) and every later one goes straight on, leaving
+    ``max_in_flight`` at 1 for the assertion to catch."""
+
+    def __init__(self, name, quorum, give_up=10.0):
+        self.name, self.quorum, self.give_up = name, quorum, give_up
+        self.in_flight = self.max_in_flight = 0
+        self.gave_up = False
+        self._open = None  # asyncio.Event, made on the actor's loop
+
+    def wrap(self, transport):
+        gate = self
+
+        class Gated:
+            async def invoke(self, auth_key_id, request_name, data):
+                if request_name != gate.name:
+                    return await transport.invoke(auth_key_id, request_name, data)
+                return await gate._hold(transport.invoke(auth_key_id, request_name, data))
+
+            async def close(self):
+                await transport.close()
+
+        return Gated()
+
+    async def _hold(self, call):
+        if self._open is None:
+            self._open = asyncio.Event()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.in_flight >= self.quorum:
+                self._open.set()
+            try:
+                await asyncio.wait_for(self._open.wait(), self.give_up)
+            except asyncio.TimeoutError:
+                self.gave_up = True
+                self._open.set()
+            return await call
+        finally:
+            self.in_flight -= 1
+
+
 def test_upload_parts_concurrently_then_send_document(env):
-    ref = env.start("bob")
+    gate = InFlightGate("SaveFilePartRequest", quorum=8)
+    ref = env.start("bob", wrap_transport=gate.wrap)
     data = os.urandom(8 * 128 * KIB)
-    delay = 0.3
-    env.world.set_fault(Fault(kind="latency", request="SaveFilePartRequest", seconds=delay))
-    started = time.monotonic()
     results = _upload(ref, data, 128 * KIB, 1111, big=False)  # 8 asks in flight at once
-    elapsed = time.monotonic() - started
-    env.world.clear_faults()
     assert [r.index for r in results] == list(range(8))
-    assert elapsed < 8 * delay / 2, f"parts were not concurrent ({elapsed:.2f} s)"
+    assert gate.max_in_flight == 8 and not gate.gave_up, (
+        f"parts were not concurrent: at most {gate.max_in_flight} of 8 in flight at once")
     sent = ask(ref, SendDocument(
         env.dest, 1111, 8, False, "archive.zip", len(data), "caption #t1", random_id=424242,
         md5=hashlib.md5(data).hexdigest(),
