@@ -27,6 +27,7 @@ import pykka
 from loguru import logger
 
 from actors.notify import Notifier
+from actors.telegram.session import discover_sessions
 from actors.supervision import (
     AddChild, ChildSpec, GetChild, GetStatus, RemoveChild, StartChildren, StopChildren,
     SupervisorActor,
@@ -59,24 +60,20 @@ class AccountPlan:
 
 
 def discover_accounts(settings) -> list[AccountPlan]:
-    """Every ``*.session`` file in ``daemon.sessions_dir`` (sorted), minus disabled ones.
+    """The accounts to run: every session found (files fixed to mode 0600),
+    minus ``enabled = false`` ones; ``paused = true`` starts one paused.
 
-    ``[[accounts]]`` entries override per session: ``enabled = false`` skips it,
-    ``paused = true`` starts it paused.
+    A configured account without its session file is reported and skipped.
     """
-    overrides = {a.session: a for a in getattr(settings, "accounts", ())}
-    sessions_dir = Path(settings.daemon.sessions_dir)
     plans = []
-    if sessions_dir.is_dir():
-        for path in sorted(sessions_dir.glob("*.session")):
-            override = overrides.get(path.stem)
-            if override is not None and not override.enabled:
-                continue
-            plans.append(AccountPlan(path.stem, path, bool(override and override.paused)))
-    missing = sorted(set(overrides) - {p.stem for p in sessions_dir.glob("*.session")}) if sessions_dir.is_dir() \
-        else sorted(overrides)
-    for name in missing:
-        log.warning("[[accounts]] names {!r} but {} has no such .session file", name, sessions_dir)
+    for entry in discover_sessions(settings):
+        if not entry.enabled:
+            continue
+        if not entry.exists:
+            log.warning("[[accounts]] names {!r} but {} does not exist; run: stashd login {}",
+                        entry.name, entry.path, entry.name)
+            continue
+        plans.append(AccountPlan(entry.name, entry.path, entry.paused))
     return plans
 
 

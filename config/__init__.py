@@ -9,7 +9,6 @@ Everything else reads settings through these names::
 from config.loader import (
     ConfigError,
     check_main,
-    discover_accounts,
     format_settings,
     load_config,
     load_or_report,
@@ -40,7 +39,6 @@ __all__ = [
     "SupervisorSettings",
     "TelegramSettings",
     "check_main",
-    "discover_accounts",
     "format_settings",
     "load_config",
     "load_or_report",

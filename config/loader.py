@@ -237,20 +237,6 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
     )
 
 
-def discover_accounts(settings: Settings) -> tuple[AccountSettings, ...]:
-    """Every account: each ``*.session`` file in ``daemon.sessions_dir`` plus
-    each ``[[accounts]]`` entry (listed ones keep their overrides), by name."""
-    found = {}
-    sessions_dir = settings.daemon.sessions_dir
-    if sessions_dir.is_dir():
-        for file in sessions_dir.glob("*.session"):
-            if file.is_file():
-                found[file.stem] = AccountSettings(session=file.stem)
-    for entry in settings.accounts:
-        found[entry.session] = entry
-    return tuple(found[name] for name in sorted(found))
-
-
 # --------------------------------------------------------------------------
 # Display and the command line
 # --------------------------------------------------------------------------

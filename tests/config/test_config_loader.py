@@ -14,7 +14,6 @@ from config import (
     ConfigError,
     Settings,
     check_main,
-    discover_accounts,
     format_settings,
     load_config,
     load_or_report,
@@ -375,20 +374,13 @@ def test_load_or_report(tmp_path):
 # -- accounts ------------------------------------------------------------------------
 
 
-def test_account_lookup_and_discovery(tmp_path):
+def test_account_lookup(tmp_path):
     s = settings_from_dict({**SIM, "accounts": [{"session": "carol", "enabled": False},
                                                 {"session": "alice", "paused": True}]},
                            tmp_path, env={})
     assert s.account("alice") == AccountSettings("alice", enabled=True, paused=True)
     assert s.account("bob") == AccountSettings("bob")
-    assert discover_accounts(s) == (AccountSettings("alice", paused=True),
-                                    AccountSettings("carol", enabled=False))
-    sessions = tmp_path / "sessions"
-    sessions.mkdir()
-    for name in ("bob.session", "alice.session", "notes.txt"):
-        (sessions / name).write_text("")
-    assert [a.session for a in discover_accounts(s)] == ["alice", "bob", "carol"]
-    assert discover_accounts(s)[0].paused is True
+    assert s.account("carol").enabled is False
 
 
 def test_public_names():

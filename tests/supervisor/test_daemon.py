@@ -80,8 +80,15 @@ def start_daemon(settings, **kw):
 def test_discover_accounts_applies_overrides(tmp_path):
     s = make_settings(tmp_path, sessions=("a", "b", "c"),
                       accounts=[{"session": "b", "enabled": False}, {"session": "c", "paused": True}])
+    (s.daemon.sessions_dir / "a.session").chmod(0o644)
     plans = discover_accounts(s)
     assert [(p.name, p.paused) for p in plans] == [("a", False), ("c", True)]
+    assert (s.daemon.sessions_dir / "a.session").stat().st_mode & 0o777 == 0o600
+
+
+def test_discover_accounts_skips_configured_account_without_session(tmp_path):
+    s = make_settings(tmp_path, sessions=("a",), accounts=[{"session": "ghost"}])
+    assert [p.name for p in discover_accounts(s)] == ["a"]
 
 
 def test_start_ready_admin_commands_and_stop(tmp_path, notify_sock):
