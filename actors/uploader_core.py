@@ -398,6 +398,7 @@ async def upload_document(
 
     async def send_all_chunks() -> None:
         tasks: set[asyncio.Task] = set()
+        finished: list[asyncio.Task] = []
         try:
             while not sched.done:
                 for chunk in sched.next_chunks():
@@ -408,14 +409,17 @@ async def upload_document(
                         raise UploadError(f"{plan.file_name}: scheduler stalled")
                     await wait_until(until)
                     continue
-                finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    await settle(*task.result())
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finished = sorted(done, key=id)
+                while finished:
+                    await settle(*finished.pop().result())
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            for task in finished:  # settled no more after an error: retrieve, do not warn
+                task.cancelled() or task.exception()
 
     send_failures = missing_rounds = 0
     try:
