@@ -24,6 +24,7 @@ from config.schema import (
     Settings,
     SupervisorSettings,
     TelegramSettings,
+    UploadSettings,
     mask_dsn,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "Settings",
     "SupervisorSettings",
     "TelegramSettings",
+    "UploadSettings",
     "check_main",
     "format_settings",
     "load_config",

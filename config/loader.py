@@ -36,6 +36,7 @@ from config.schema import (
     SupervisorSettings,
     TelegramSettings,
     TableList,
+    UploadSettings,
     FieldError,
     section_of,
     unknown_key,
@@ -210,6 +211,18 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
         errors.append(f"supervisor.backoff_initial_seconds: must not exceed "
                       f"supervisor.backoff_max_seconds ({initial} > {maximum})")
 
+    upload = _valid(raw.get("upload", {}))
+    upload["roots"] = tuple(_resolve(root, state_dir) for root in upload.get("roots", ()))
+    upload["manifests_dir"] = _resolve(upload.get("manifests_dir", Path("manifests")), state_dir)
+    if "inbox_dir" in upload:
+        inbox = upload["inbox_dir"] = _resolve(upload["inbox_dir"], state_dir)
+        if not any(inbox == root or root in inbox.parents for root in upload["roots"]):
+            errors.append(f"upload.inbox_dir: {inbox} is not under any of upload.roots")
+    window = upload.get("window", UploadSettings.window)
+    slots = upload.get("global_slots", UploadSettings.global_slots)
+    if window > slots:
+        errors.append(f"upload.window: must not exceed upload.global_slots ({window} > {slots})")
+
     accounts = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(raw.get("accounts", [])):
@@ -234,6 +247,7 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
         metrics=MetricsSettings(**metrics),
         supervisor=SupervisorSettings(**supervisor),
         accounts=tuple(AccountSettings(**entry) for entry in accounts),
+        upload=UploadSettings(**upload),
     )
 
 

@@ -95,10 +95,27 @@ class SupervisorSettings:
 
 
 @dataclass(frozen=True)
+class UploadSettings:
+    roots: tuple[Path, ...] = ()  # only files under these may be uploaded (symlinks resolved)
+    inbox_dir: Path | None = None  # watched folder; must lie under a root
+    manifests_dir: Path | None = None  # always set by the loader (state_dir/manifests)
+    destination: str = ""  # default destination channel (username or -100 id)
+    uploaders: int = 4  # UploaderActor pool size
+    window: int = 8  # upload parts in flight per account
+    budget_bytes: int = 64 * 1024 * 1024  # in-flight part bytes across all uploads
+    global_slots: int = 32  # upload parts in flight across all accounts
+    delete_original: bool = False  # default policy: delete a file once verified
+
+
+@dataclass(frozen=True)
 class AccountSettings:
     session: str
     enabled: bool = True
     paused: bool = False
+    hourly_files: int = 0  # quotas; 0 = no limit
+    hourly_bytes: int = 0
+    daily_files: int = 0
+    daily_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,7 @@ class Settings:
     metrics: MetricsSettings
     supervisor: SupervisorSettings
     accounts: tuple[AccountSettings, ...] = ()
+    upload: UploadSettings = UploadSettings()
 
     def account(self, session: str) -> AccountSettings:
         """The ``[[accounts]]`` entry for ``session``, or the defaults when unlisted."""
@@ -328,6 +346,27 @@ class PathValue(Field):
             raise FieldError(str(exc)) from None
 
 
+class PathList(Field):
+    """An array of paths (each as :class:`PathValue`)."""
+
+    expected = "an array of paths"
+
+    def parse(self, value: Any) -> tuple[Path, ...]:
+        if not isinstance(value, list):
+            raise self.type_error(value)
+        item = PathValue()
+        paths = []
+        for index, entry in enumerate(value):
+            try:
+                paths.append(item.parse(entry))
+            except FieldError as exc:
+                raise FieldError(f"[{index}]: {exc}") from None
+        return tuple(paths)
+
+    def literal(self, value: Any) -> str:
+        return "[" + ", ".join(toml_string(str(p)) for p in value) + "]"
+
+
 class Choice(Field):
     expected = "a string"
 
@@ -516,10 +555,25 @@ SCHEMA: dict[str, Section | TableList] = {
         "watchdog": Boolean(),
         "stop_timeout_seconds": Float(minimum=0, exclusive_minimum=True),
     }),
+    "upload": Section(UploadSettings, {
+        "roots": PathList(),
+        "inbox_dir": PathValue(),
+        "manifests_dir": PathValue(),
+        "destination": String(allow_empty=True),
+        "uploaders": Integer(minimum=1, maximum=64),
+        "window": Integer(minimum=1, maximum=64),
+        "budget_bytes": Integer(minimum=512 * 1024),
+        "global_slots": Integer(minimum=1),
+        "delete_original": Boolean(),
+    }),
     "accounts": TableList(Section(AccountSettings, {
         "session": SessionName(required=True),
         "enabled": Boolean(),
         "paused": Boolean(),
+        "hourly_files": Integer(minimum=0),
+        "hourly_bytes": Integer(minimum=0),
+        "daily_files": Integer(minimum=0),
+        "daily_bytes": Integer(minimum=0),
     })),
 }
 

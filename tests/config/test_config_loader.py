@@ -327,8 +327,9 @@ def test_format_settings_is_toml_showing_the_effective_values(tmp_path):
     assert "log_file" not in shown["daemon"]  # unset values are comments
     assert shown["metrics"]["port"] == 0
     assert shown["supervisor"]["backoff_max_seconds"] == 30.0
-    assert shown["accounts"] == [{"session": "alice", "enabled": True, "paused": True},
-                                 {"session": "bob", "enabled": True, "paused": False}]
+    no_quota = {"hourly_files": 0, "hourly_bytes": 0, "daily_files": 0, "daily_bytes": 0}
+    assert shown["accounts"] == [{"session": "alice", "enabled": True, "paused": True, **no_quota},
+                                 {"session": "bob", "enabled": True, "paused": False, **no_quota}]
     # what is displayed loads back to the same settings (secrets aside)
     shown["telegram"].pop("api_id"), shown["telegram"].pop("api_hash")
     assert settings_from_dict(shown, "/elsewhere", env={}) == s
@@ -389,3 +390,40 @@ def test_public_names():
         assert hasattr(config, name)
     assert issubclass(ConfigError, Exception)
     assert os.path.basename(config.__file__) == "__init__.py"
+
+
+# -- upload ----------------------------------------------------------------------
+
+
+def test_upload_defaults_and_paths(tmp_path):
+    s = settings_from_dict({**SIM, "upload": {"roots": ["files", "/srv/x"], "inbox_dir": "files/in"}},
+                           tmp_path, env={})
+    assert s.upload.roots == (tmp_path / "files", Path("/srv/x"))
+    assert s.upload.inbox_dir == tmp_path / "files" / "in"
+    assert s.upload.manifests_dir == tmp_path / "manifests"
+    assert (s.upload.uploaders, s.upload.window, s.upload.budget_bytes) == (4, 8, 64 * 1024 * 1024)
+    bare = settings_from_dict(SIM, tmp_path, env={})
+    assert bare.upload.roots == () and bare.upload.inbox_dir is None
+
+
+def test_upload_errors_are_all_reported(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict({**SIM, "upload": {"roots": ["a", 3], "window": 0, "budget_bytes": 10,
+                                              "uploadrs": 2},
+                            "accounts": [{"session": "a", "daily_bytes": -1}]}, tmp_path, env={})
+    errors = info.value.errors
+    assert any(e.startswith("upload.roots: [1]: expected a path") for e in errors)
+    assert any(e.startswith("upload.window: must be between 1 and 64") for e in errors)
+    assert any(e.startswith("upload.budget_bytes: must be >= 524288") for e in errors)
+    assert "upload.uploadrs: unknown key (did you mean 'uploaders'?)" in errors
+    assert any(e.startswith("accounts[0].daily_bytes: must be >= 0") for e in errors)
+
+
+def test_upload_cross_checks(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict({**SIM, "upload": {"roots": ["files"], "inbox_dir": "/elsewhere/in",
+                                              "window": 16, "global_slots": 8}}, tmp_path, env={})
+    assert info.value.errors == [
+        "upload.inbox_dir: /elsewhere/in is not under any of upload.roots",
+        "upload.window: must not exceed upload.global_slots (16 > 8)",
+    ]
