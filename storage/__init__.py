@@ -9,6 +9,19 @@ from storage.errors import SchemaVersionError, StorageError
 from storage.migrations import CURRENT_VERSION
 from storage.records import ACCOUNT_STATES, AccountRecord, ChannelRecord, FloodWaitRecord
 from storage.repository import Storage
+from storage.transfers import (
+    TRANSFER_STATES,
+    TRANSFER_TRANSITIONS,
+    ClaimResult,
+    LeaseLostError,
+    PackageRecord,
+    PartConflictError,
+    PartRecord,
+    TransferExistsError,
+    TransferNotFoundError,
+    TransferRecord,
+    TransferStateError,
+)
 
 __all__ = [
     "ACCOUNT_STATES",
@@ -20,4 +33,15 @@ __all__ = [
     "Storage",
     "StorageError",
     "open_storage",
+    "TRANSFER_STATES",
+    "TRANSFER_TRANSITIONS",
+    "ClaimResult",
+    "LeaseLostError",
+    "PackageRecord",
+    "PartConflictError",
+    "PartRecord",
+    "TransferExistsError",
+    "TransferNotFoundError",
+    "TransferRecord",
+    "TransferStateError",
 ]

@@ -97,6 +97,73 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         )""",
         "CREATE INDEX channel_seen_by_account ON channel_seen_by (account)",
     ),
+    # 3: durable transfers (issue 3/4): transfers, their parts, the chunk
+    # journal for resume, content claims and stored packages
+    (
+        """CREATE TABLE transfers (
+            id TEXT NOT NULL PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('planned', 'uploading', 'uploaded',
+                'verifying', 'verified', 'cleaned', 'failed')),
+            source_path TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            sha256 TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            manifest_path TEXT NOT NULL,
+            delete_original BOOLEAN NOT NULL,
+            account TEXT,
+            reason TEXT,
+            attempts INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            next_check_at DOUBLE PRECISION,
+            last_check_at DOUBLE PRECISION,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            duplicate_of TEXT REFERENCES transfers (id)
+        )""",
+        "CREATE INDEX transfers_state_due ON transfers (state, next_check_at)",
+        "CREATE INDEX transfers_sha256 ON transfers (sha256)",
+        """CREATE TABLE transfer_parts (
+            transfer_id TEXT NOT NULL REFERENCES transfers (id) ON DELETE CASCADE,
+            part_index INTEGER NOT NULL,
+            byte_offset BIGINT NOT NULL,
+            length BIGINT NOT NULL,
+            sha256 TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            random_id BIGINT NOT NULL,
+            message_id BIGINT,
+            document_id BIGINT,
+            account TEXT,
+            sent_at DOUBLE PRECISION,
+            verified_at DOUBLE PRECISION,
+            misses INTEGER NOT NULL,
+            PRIMARY KEY (transfer_id, part_index)
+        )""",
+        """CREATE TABLE part_journal (
+            transfer_id TEXT NOT NULL,
+            part_index INTEGER NOT NULL,
+            chunk_index INTEGER NOT NULL,
+            account TEXT NOT NULL,
+            acked_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (transfer_id, part_index, chunk_index),
+            FOREIGN KEY (transfer_id, part_index)
+                REFERENCES transfer_parts (transfer_id, part_index) ON DELETE CASCADE
+        )""",
+        """CREATE TABLE content_claims (
+            sha256 TEXT NOT NULL PRIMARY KEY,
+            owner TEXT NOT NULL,
+            lease_until DOUBLE PRECISION NOT NULL,
+            transfer_id TEXT,
+            claimed_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE packages (
+            sha256 TEXT NOT NULL PRIMARY KEY,
+            transfer_id TEXT NOT NULL REFERENCES transfers (id),
+            destination TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX packages_transfer ON packages (transfer_id)",
+    ),
 )
 
 CURRENT_VERSION = len(MIGRATIONS)

@@ -51,6 +51,73 @@ def define_entities(db: Database) -> SimpleNamespace:
         account = Required(str)
         PrimaryKey(channel, account)
 
+    # -- migration 3: durable transfers (queries in storage.transfers) --------
+
+    class Transfer(db.Entity):
+        _table_ = "transfers"
+        id = PrimaryKey(str)
+        state = Required(str)
+        source_path = Required(str)
+        size = Required(int, size=64)
+        sha256 = Required(str)
+        destination = Required(str)
+        manifest_path = Required(str)
+        delete_original = Required(bool)
+        account = Optional(str, nullable=True)
+        reason = Optional(str, nullable=True)
+        attempts = Required(int)
+        created_at = Required(float)
+        updated_at = Required(float)
+        next_check_at = Optional(float)
+        last_check_at = Optional(float)
+        lease_owner = Optional(str, nullable=True)
+        lease_until = Optional(float)
+        duplicate_of = Optional(str, nullable=True)  # a transfers.id (FK in SQL)
+        parts = Set("TransferPart")
+
+    class TransferPart(db.Entity):
+        _table_ = "transfer_parts"
+        transfer = Required(Transfer, column="transfer_id")
+        part_index = Required(int)
+        offset = Required(int, size=64, column="byte_offset")
+        length = Required(int, size=64)
+        sha256 = Required(str)
+        file_name = Required(str)
+        random_id = Required(int, size=64)
+        message_id = Optional(int, size=64)
+        document_id = Optional(int, size=64)
+        account = Optional(str, nullable=True)
+        sent_at = Optional(float)
+        verified_at = Optional(float)
+        misses = Required(int)
+        PrimaryKey(transfer, part_index)
+
+    class PartJournal(db.Entity):
+        _table_ = "part_journal"
+        transfer_id = Required(str)
+        part_index = Required(int)
+        chunk_index = Required(int)
+        account = Required(str)
+        acked_at = Required(float)
+        PrimaryKey(transfer_id, part_index, chunk_index)
+
+    class ContentClaim(db.Entity):
+        _table_ = "content_claims"
+        sha256 = PrimaryKey(str)
+        owner = Required(str)
+        lease_until = Required(float)
+        transfer_id = Optional(str, nullable=True)
+        claimed_at = Required(float)
+
+    class Package(db.Entity):
+        _table_ = "packages"
+        sha256 = PrimaryKey(str)
+        transfer_id = Required(str)
+        destination = Required(str)
+        created_at = Required(float)
+
     return SimpleNamespace(
-        Account=Account, FloodWait=FloodWait, Channel=Channel, ChannelSeenBy=ChannelSeenBy
+        Account=Account, FloodWait=FloodWait, Channel=Channel, ChannelSeenBy=ChannelSeenBy,
+        Transfer=Transfer, TransferPart=TransferPart, PartJournal=PartJournal,
+        ContentClaim=ContentClaim, Package=Package,
     )

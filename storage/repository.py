@@ -15,6 +15,7 @@ from storage.errors import StorageError
 from storage.records import ACCOUNT_STATES, AccountRecord, ChannelRecord, FloodWaitRecord
 from storage.redact import redact_phone
 from storage.session import run_in_session
+from storage.transfers import TransferStore
 from storage.url import DatabaseUrl
 
 _UNSET = object()
@@ -38,8 +39,11 @@ def _check_state(state: str) -> None:
         raise ValueError(f"unknown account state {state!r}; expected one of {ACCOUNT_STATES}")
 
 
-class Storage:
-    """Repository over one database. Build it with ``storage.open_storage``."""
+class Storage(TransferStore):
+    """Repository over one database. Build it with ``storage.open_storage``.
+
+    Transfer methods (issue 3/4) come from storage.transfers.TransferStore.
+    """
 
     def __init__(
         self,

@@ -1,0 +1,790 @@
+"""Durable transfers: states, parts, the chunk journal, content claims, packages.
+
+``Storage`` inherits :class:`TransferStore`, so every method below is called on
+the Storage returned by ``storage.open_storage``. Each call is one short
+transaction (its own db_session, retried on transient conflicts) and returns
+frozen records; time comes from the Storage's injected clock (``now`` below).
+
+API (all on ``Storage``)::
+
+    TRANSFER_STATES = ("planned", "uploading", "uploaded", "verifying",
+                       "verified", "cleaned", "failed")
+    TRANSFER_TRANSITIONS: dict[state, frozenset[state]]   # allowed moves
+
+    # transfers
+    create_transfer(transfer_id, *, source_path, size, sha256, destination,
+                    manifest_path, delete_original, parts, account=None)
+        -> TransferRecord            # state "planned", next_check_at = now (due at once)
+        parts: iterable of (index, offset, length, sha256, file_name, random_id)
+        raises TransferExistsError if the id is taken
+    get_transfer(transfer_id) -> TransferRecord | None
+    list_transfers(state=None, limit=100) -> list[TransferRecord]   # oldest first
+    list_parts(transfer_id) -> list[PartRecord]                      # by index
+    set_transfer_state(transfer_id, state, *, reason=None, expected=None,
+                       next_check_at=UNSET, attempts=None, account=UNSET,
+                       release_lease=False, lease_owner=None) -> TransferRecord
+        compare-and-set: ``expected`` (a state or a tuple of states) must match
+        the current state, else TransferStateError(.current); a move not in
+        TRANSFER_TRANSITIONS raises TransferStateError too (same state -> same
+        state is always allowed). ``reason`` replaces the stored reason (None
+        keeps it, "" clears it). ``release_lease`` clears lease_owner/until.
+        ``lease_owner``: refuse (LeaseLostError) unless the transfer is still
+        leased to this owner -- a verifier passes its owner id.
+    transfers_by_state() -> dict[state, int]      # every state present, zeros too
+    transfer_for_sha256(sha256) -> list[TransferRecord]   # oldest first
+
+    # content claims (de-duplication, DESIGN "Claims instead of races")
+    claim_content(sha256, owner, lease_seconds, transfer_id=None) -> ClaimResult
+        ClaimResult(granted, existing_package, holder, lease_until)
+        - a package with that hash exists -> granted False, existing_package =
+          its transfer id (checked again after the claim row is written)
+        - someone else holds a live lease -> granted False, holder = owner
+        - no claim, an expired lease, or our own claim -> granted True
+    renew_claim(sha256, owner, lease_seconds) -> bool     # False: we lost it
+    release_claim(sha256, owner) -> bool
+    find_package(sha256) -> PackageRecord | None
+
+    # upload progress (phase 1 of the two-phase write)
+    record_part_sent(transfer_id, index, *, message_id, document_id, account)
+        -> PartRecord   # idempotent for the same message id;
+                        # PartConflictError if another message id is recorded
+    parts_without_message(transfer_id) -> list[PartRecord]
+    set_part_random_id(transfer_id, index, random_id) -> PartRecord
+        # for a re-upload: new random_id, clears message_id/document_id/
+        # account/sent_at/verified_at (misses kept)
+    mark_transfer_uploaded(transfer_id, *, first_check_delay=0.0) -> TransferRecord
+        # every part must have a message id (else TransferStateError);
+        # state -> "uploaded", next_check_at = now + first_check_delay,
+        # lease released, packages row sha256 -> transfer inserted (an existing
+        # package for the hash is kept), the content claim of this transfer is
+        # released -- all in one transaction
+    mark_transfer_duplicate(transfer_id, duplicate_of) -> TransferRecord
+        # completed by reference: duplicate_of set, state -> "uploaded",
+        # next_check_at = now (the verifier follows duplicate_of)
+
+    # chunk journal (resume inside a part)
+    journal_chunk(transfer_id, part_index, chunk_index, account) -> None  (idempotent)
+    journal_chunk_many(transfer_id, part_index, chunk_indexes, account) -> None
+    journaled_chunks(transfer_id, part_index, *, account=None, max_age=None) -> set[int]
+        # account: only chunks that account sent (uploaded parts are per
+        # session); max_age: only chunks acknowledged within that many seconds
+    clear_journal(transfer_id, part_index=None) -> int   # None: every part
+
+    # verification (issue 4)
+    claim_due_transfers(owner, limit, lease_seconds,
+                        states=("uploaded", "verified", "verifying"))
+        -> list[TransferRecord]  # next_check_at <= now and no live lease;
+        # leased to owner until now + lease_seconds. Two claimers never get
+        # the same transfer (PostgreSQL: UPDATE ... FOR UPDATE SKIP LOCKED;
+        # SQLite: BEGIN IMMEDIATE, the lease condition re-checked in the UPDATE)
+    renew_transfer_lease(transfer_id, owner, lease_seconds) -> bool
+    release_transfer_lease(transfer_id, owner, *, next_check_at=UNSET) -> bool
+    record_check(transfer_id, *, present=(), missing=(), next_check_at=UNSET,
+                 lease_owner=None)
+        -> TransferRecord   # parts in present: verified_at = now;
+        # parts in missing: misses += 1, verified_at = None;
+        # last_check_at = now; next_check_at set when given
+
+Records: TransferRecord, PartRecord, ClaimResult, PackageRecord (frozen).
+Errors (all StorageError): TransferNotFoundError, TransferExistsError,
+TransferStateError, LeaseLostError, PartConflictError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from pony.orm import count, select
+
+from storage.errors import StorageError
+
+TRANSFER_STATES = (
+    "planned", "uploading", "uploaded", "verifying", "verified", "cleaned", "failed"
+)
+
+# Who may go where. "failed" is reachable from anywhere and is left only by an
+# operator's retry; "cleaned" only from "verified" (never delete before that).
+TRANSFER_TRANSITIONS: dict[str, frozenset[str]] = {
+    "planned": frozenset({"uploading", "uploaded", "failed"}),
+    "uploading": frozenset({"planned", "uploaded", "failed"}),
+    "uploaded": frozenset({"verifying", "verified", "uploading", "failed"}),
+    "verifying": frozenset({"verified", "uploading", "uploaded", "failed"}),
+    "verified": frozenset({"verifying", "cleaned", "failed"}),
+    "cleaned": frozenset({"verifying", "failed"}),
+    "failed": frozenset({"planned", "uploading", "uploaded", "verifying"}),
+}
+
+DUE_STATES = ("uploaded", "verified", "verifying")
+
+UNSET = object()
+
+
+class TransferNotFoundError(StorageError):
+    def __init__(self, transfer_id: str):
+        self.transfer_id = transfer_id
+        super().__init__(f"transfer {transfer_id!r} does not exist")
+
+
+class TransferExistsError(StorageError):
+    def __init__(self, transfer_id: str):
+        self.transfer_id = transfer_id
+        super().__init__(f"transfer {transfer_id!r} already exists")
+
+
+class TransferStateError(StorageError):
+    """A compare-and-set or a state move was refused; ``current`` is the stored state."""
+
+    def __init__(self, transfer_id: str, current: str, wanted: str, message: str):
+        self.transfer_id = transfer_id
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"transfer {transfer_id!r}: {message}")
+
+
+class LeaseLostError(StorageError):
+    """The caller's lease on a transfer is gone (expired and taken over, or released)."""
+
+    def __init__(self, transfer_id: str, owner: str, holder: str | None):
+        self.transfer_id = transfer_id
+        self.owner = owner
+        self.holder = holder
+        super().__init__(
+            f"transfer {transfer_id!r}: lease of {owner!r} is lost (held by {holder!r})")
+
+
+class PartConflictError(StorageError):
+    """A part already carries a different message id."""
+
+    def __init__(self, transfer_id: str, index: int, recorded: int, offered: int):
+        self.transfer_id = transfer_id
+        self.index = index
+        self.recorded = recorded
+        self.offered = offered
+        super().__init__(
+            f"transfer {transfer_id!r} part {index}: message {recorded} is recorded, "
+            f"refusing {offered}"
+        )
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    id: str
+    state: str
+    source_path: str
+    size: int
+    sha256: str
+    destination: str
+    manifest_path: str
+    delete_original: bool
+    account: str | None
+    reason: str | None
+    attempts: int
+    created_at: float
+    updated_at: float
+    next_check_at: float | None
+    last_check_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+    duplicate_of: str | None
+    part_count: int
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    transfer_id: str
+    index: int
+    offset: int
+    length: int
+    sha256: str
+    file_name: str
+    random_id: int
+    message_id: int | None
+    document_id: int | None
+    account: str | None
+    sent_at: float | None
+    verified_at: float | None
+    misses: int
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    granted: bool
+    existing_package: str | None  # transfer id of the package already stored
+    holder: str | None  # owner of the live claim (ours when granted)
+    lease_until: float | None = None
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    sha256: str
+    transfer_id: str
+    destination: str
+    created_at: float
+
+
+def _check_state(state: str) -> None:
+    if state not in TRANSFER_STATES:
+        raise ValueError(f"unknown transfer state {state!r}; expected one of {TRANSFER_STATES}")
+
+
+def _check_lease(t, owner: str | None) -> None:
+    """With ``owner`` given, the transfer must still be leased to it."""
+    if owner is not None and t.lease_owner != owner:
+        raise LeaseLostError(t.id, owner, t.lease_owner)
+
+
+def _transfer_record(t, part_count: int | None = None) -> TransferRecord:
+    return TransferRecord(
+        id=t.id,
+        state=t.state,
+        source_path=t.source_path,
+        size=t.size,
+        sha256=t.sha256,
+        destination=t.destination,
+        manifest_path=t.manifest_path,
+        delete_original=t.delete_original,
+        account=t.account,
+        reason=t.reason,
+        attempts=t.attempts,
+        created_at=t.created_at,
+        updated_at=t.updated_at,
+        next_check_at=t.next_check_at,
+        last_check_at=t.last_check_at,
+        lease_owner=t.lease_owner,
+        lease_until=t.lease_until,
+        duplicate_of=t.duplicate_of,
+        part_count=t.parts.count() if part_count is None else part_count,
+    )
+
+
+def _part_record(p) -> PartRecord:
+    return PartRecord(
+        transfer_id=p.transfer.id,
+        index=p.part_index,
+        offset=p.offset,
+        length=p.length,
+        sha256=p.sha256,
+        file_name=p.file_name,
+        random_id=p.random_id,
+        message_id=p.message_id,
+        document_id=p.document_id,
+        account=p.account,
+        sent_at=p.sent_at,
+        verified_at=p.verified_at,
+        misses=p.misses,
+    )
+
+
+class TransferStore:
+    """Mixin for storage.repository.Storage (uses its _run, entities, _clock, db)."""
+
+    _run: Callable
+    _clock: Callable[[], float]
+
+    # -- helpers (inside a session) -------------------------------------------
+
+    def _now(self) -> float:
+        return float(self._clock())
+
+    def _transfer_for_update(self, transfer_id: str):
+        t = self.entities.Transfer.get_for_update(id=transfer_id)
+        if t is None:
+            raise TransferNotFoundError(transfer_id)
+        return t
+
+    def _part_for_update(self, transfer_id: str, index: int):
+        t = self._transfer_for_update(transfer_id)
+        p = self.entities.TransferPart.get_for_update(transfer=t, part_index=int(index))
+        if p is None:
+            raise StorageError(f"transfer {transfer_id!r} has no part {index}")
+        return t, p
+
+    # -- transfers --------------------------------------------------------------
+
+    def create_transfer(
+        self,
+        transfer_id: str,
+        *,
+        source_path: str,
+        size: int,
+        sha256: str,
+        destination: str,
+        manifest_path: str,
+        delete_original: bool,
+        parts: Iterable[Sequence],
+        account: str | None = None,
+    ) -> TransferRecord:
+        """Insert a transfer in state "planned" with its parts (due at once)."""
+        if not transfer_id:
+            raise ValueError("transfer id must not be empty")
+        plan = []
+        for part in parts:
+            index, offset, length, part_sha, file_name, random_id = part
+            plan.append((int(index), int(offset), int(length), str(part_sha),
+                         str(file_name), int(random_id)))
+        indexes = [p[0] for p in plan]
+        if len(set(indexes)) != len(indexes):
+            raise ValueError(f"transfer {transfer_id!r}: duplicate part indexes {indexes}")
+        Transfer, Part = self.entities.Transfer, self.entities.TransferPart
+
+        def tx():
+            if Transfer.get(id=transfer_id) is not None:
+                raise TransferExistsError(transfer_id)
+            now = self._now()
+            t = Transfer(
+                id=transfer_id, state="planned", source_path=str(source_path),
+                size=int(size), sha256=str(sha256).lower(), destination=str(destination),
+                manifest_path=str(manifest_path), delete_original=bool(delete_original),
+                account=account, reason=None, attempts=0, created_at=now, updated_at=now,
+                next_check_at=now,
+            )
+            for index, offset, length, part_sha, file_name, random_id in plan:
+                Part(transfer=t, part_index=index, offset=offset, length=length,
+                     sha256=part_sha, file_name=file_name, random_id=random_id, misses=0)
+            return _transfer_record(t, part_count=len(plan))
+
+        return self._run(tx, write=True, what=f"create transfer {transfer_id!r}")
+
+    def get_transfer(self, transfer_id: str) -> TransferRecord | None:
+        Transfer = self.entities.Transfer
+
+        def tx():
+            t = Transfer.get(id=transfer_id)
+            return None if t is None else _transfer_record(t)
+
+        return self._run(tx, write=False, what=f"read transfer {transfer_id!r}")
+
+    def list_transfers(self, state: str | None = None, limit: int = 100) -> list[TransferRecord]:
+        """Transfers (optionally in one state), oldest first."""
+        if state is not None:
+            _check_state(state)
+        Transfer = self.entities.Transfer
+
+        def tx():
+            q = Transfer.select()
+            if state is not None:
+                q = q.filter(lambda t: t.state == state)
+            rows = list(q.order_by(Transfer.created_at, Transfer.id).limit(int(limit)))
+            return [_transfer_record(t) for t in rows]
+
+        return self._run(tx, write=False, what="list transfers")
+
+    def transfer_for_sha256(self, sha256: str) -> list[TransferRecord]:
+        Transfer = self.entities.Transfer
+        sha = str(sha256).lower()
+
+        def tx():
+            q = Transfer.select(lambda t: t.sha256 == sha).order_by(Transfer.created_at)
+            return [_transfer_record(t) for t in q]
+
+        return self._run(tx, write=False, what="find transfers by hash")
+
+    def list_parts(self, transfer_id: str) -> list[PartRecord]:
+        Part = self.entities.TransferPart
+
+        def tx():
+            q = Part.select(lambda p: p.transfer.id == transfer_id).order_by(Part.part_index)
+            return [_part_record(p) for p in q]
+
+        return self._run(tx, write=False, what=f"list parts of {transfer_id!r}")
+
+    def set_transfer_state(
+        self,
+        transfer_id: str,
+        state: str,
+        *,
+        reason: str | None = None,
+        expected: str | Sequence[str] | None = None,
+        next_check_at=UNSET,
+        attempts: int | None = None,
+        account=UNSET,
+        release_lease: bool = False,
+        lease_owner: str | None = None,
+    ) -> TransferRecord:
+        """Move a transfer to ``state`` (compare-and-set when ``expected`` is given)."""
+        _check_state(state)
+        if isinstance(expected, str):
+            expected = (expected,)
+        if expected is not None:
+            for e in expected:
+                _check_state(e)
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            _check_lease(t, lease_owner)
+            current = t.state
+            if expected is not None and current not in expected:
+                raise TransferStateError(
+                    transfer_id, current, state,
+                    f"state is {current!r}, expected {' or '.join(map(repr, expected))}")
+            if state != current and state not in TRANSFER_TRANSITIONS[current]:
+                raise TransferStateError(
+                    transfer_id, current, state, f"cannot move from {current!r} to {state!r}")
+            changes = dict(state=state, updated_at=self._now())
+            if reason is not None:
+                changes["reason"] = reason or None
+            if next_check_at is not UNSET:
+                changes["next_check_at"] = None if next_check_at is None else float(next_check_at)
+            if attempts is not None:
+                changes["attempts"] = int(attempts)
+            if account is not UNSET:
+                changes["account"] = account
+            if release_lease:
+                changes.update(lease_owner=None, lease_until=None)
+            t.set(**changes)
+            return _transfer_record(t)
+
+        return self._run(tx, write=True, what=f"set state of transfer {transfer_id!r}")
+
+    def transfers_by_state(self) -> dict[str, int]:
+        Transfer = self.entities.Transfer
+
+        def tx():
+            counts = dict.fromkeys(TRANSFER_STATES, 0)
+            for state, n in select((t.state, count(t)) for t in Transfer):
+                counts[state] = int(n)
+            return counts
+
+        return self._run(tx, write=False, what="count transfers by state")
+
+    # -- content claims -----------------------------------------------------------
+
+    def claim_content(
+        self, sha256: str, owner: str, lease_seconds: float, transfer_id: str | None = None
+    ) -> ClaimResult:
+        """Claim the work on one content hash (see the module docstring)."""
+        if not owner:
+            raise ValueError("claim owner must not be empty")
+        sha = str(sha256).lower()
+        Claim, Package = self.entities.ContentClaim, self.entities.Package
+
+        def package_of() -> str | None:
+            # a query, not Package.get: always asks the database again
+            return select(p.transfer_id for p in Package if p.sha256 == sha).first()
+
+        def tx():
+            existing = package_of()
+            if existing is not None:
+                return ClaimResult(False, existing, None, None)
+            now = self._now()
+            until = now + float(lease_seconds)
+            claim = Claim.get_for_update(sha256=sha)  # row lock on PostgreSQL
+            if claim is None:  # a racing insert fails on the primary key -> retried
+                claim = Claim(sha256=sha, owner=owner, lease_until=until,
+                              transfer_id=transfer_id, claimed_at=now)
+            elif claim.owner == owner or claim.lease_until <= now:  # ours, or expired
+                claim.set(owner=owner, lease_until=until, transfer_id=transfer_id,
+                          claimed_at=now)
+            else:
+                return ClaimResult(False, None, claim.owner, claim.lease_until)
+            # Re-check after claiming: a package stored between the first look
+            # and the claim row (its transfer released its claim) wins.
+            existing = package_of()
+            if existing is not None:
+                claim.delete()
+                return ClaimResult(False, existing, None, None)
+            return ClaimResult(True, None, owner, until)
+
+        return self._run(tx, write=True, what="claim content")
+
+    def renew_claim(self, sha256: str, owner: str, lease_seconds: float) -> bool:
+        """Extend our claim; False when it is no longer ours (taken over or released)."""
+        sha = str(sha256).lower()
+        Claim = self.entities.ContentClaim
+
+        def tx():
+            claim = Claim.get_for_update(sha256=sha)
+            if claim is None or claim.owner != owner:
+                return False
+            claim.lease_until = self._now() + float(lease_seconds)
+            return True
+
+        return self._run(tx, write=True, what="renew content claim")
+
+    def release_claim(self, sha256: str, owner: str) -> bool:
+        sha = str(sha256).lower()
+        Claim = self.entities.ContentClaim
+
+        def tx():
+            claim = Claim.get_for_update(sha256=sha)
+            if claim is None or claim.owner != owner:
+                return False
+            claim.delete()
+            return True
+
+        return self._run(tx, write=True, what="release content claim")
+
+    def find_package(self, sha256: str) -> PackageRecord | None:
+        sha = str(sha256).lower()
+        Package = self.entities.Package
+
+        def tx():
+            p = Package.get(sha256=sha)
+            if p is None:
+                return None
+            return PackageRecord(p.sha256, p.transfer_id, p.destination, p.created_at)
+
+        return self._run(tx, write=False, what="find package")
+
+    # -- upload progress ------------------------------------------------------------
+
+    def record_part_sent(
+        self, transfer_id: str, index: int, *, message_id: int, document_id: int | None,
+        account: str,
+    ) -> PartRecord:
+        """Phase 1: Telegram returned ``message_id`` for this part; write it now."""
+        message_id = int(message_id)
+        document_id = None if document_id is None else int(document_id)
+
+        def tx():
+            _, p = self._part_for_update(transfer_id, index)
+            if p.message_id is not None:
+                if p.message_id != message_id:
+                    raise PartConflictError(transfer_id, int(index), p.message_id, message_id)
+                if p.document_id is None and document_id is not None:
+                    p.document_id = document_id
+                return _part_record(p)
+            p.set(message_id=message_id, document_id=document_id, account=account,
+                  sent_at=self._now())
+            return _part_record(p)
+
+        return self._run(tx, write=True, what=f"record part {index} of {transfer_id!r}")
+
+    def parts_without_message(self, transfer_id: str) -> list[PartRecord]:
+        Part = self.entities.TransferPart
+
+        def tx():
+            q = Part.select(
+                lambda p: p.transfer.id == transfer_id and p.message_id is None
+            ).order_by(Part.part_index)
+            return [_part_record(p) for p in q]
+
+        return self._run(tx, write=False, what=f"parts to send of {transfer_id!r}")
+
+    def set_part_random_id(self, transfer_id: str, index: int, random_id: int) -> PartRecord:
+        """Prepare a re-upload: a fresh random_id, and the old message forgotten."""
+
+        def tx():
+            _, p = self._part_for_update(transfer_id, index)
+            p.set(random_id=int(random_id), message_id=None, document_id=None, account=None,
+                  sent_at=None, verified_at=None)
+            return _part_record(p)
+
+        return self._run(tx, write=True, what=f"new random_id for part {index} of {transfer_id!r}")
+
+    def mark_transfer_uploaded(
+        self, transfer_id: str, *, first_check_delay: float = 0.0
+    ) -> TransferRecord:
+        """Every part has its message: state "uploaded", package row, claim released."""
+        Package, Claim = self.entities.Package, self.entities.ContentClaim
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            if t.state != "uploaded" and "uploaded" not in TRANSFER_TRANSITIONS[t.state]:
+                raise TransferStateError(
+                    transfer_id, t.state, "uploaded", f"cannot move from {t.state!r} to 'uploaded'")
+            parts = list(t.parts)
+            missing = sorted(p.part_index for p in parts if p.message_id is None)
+            if missing or not parts:
+                raise TransferStateError(
+                    transfer_id, t.state, "uploaded",
+                    f"parts without a message id: {missing}" if parts else "has no parts")
+            now = self._now()
+            t.set(state="uploaded", updated_at=now, next_check_at=now + float(first_check_delay),
+                  lease_owner=None, lease_until=None)
+            if Package.get(sha256=t.sha256) is None:  # the first stored copy stays the package
+                Package(sha256=t.sha256, transfer_id=t.id, destination=t.destination,
+                        created_at=now)
+            claim = Claim.get_for_update(sha256=t.sha256)
+            if claim is not None and claim.transfer_id == t.id:
+                claim.delete()
+            return _transfer_record(t, part_count=len(parts))
+
+        return self._run(tx, write=True, what=f"mark transfer {transfer_id!r} uploaded")
+
+    def mark_transfer_duplicate(self, transfer_id: str, duplicate_of: str) -> TransferRecord:
+        """Complete a transfer by reference to an already stored one."""
+        Transfer = self.entities.Transfer
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            if duplicate_of == transfer_id or Transfer.get(id=duplicate_of) is None:
+                raise TransferNotFoundError(duplicate_of)
+            if t.state != "uploaded" and "uploaded" not in TRANSFER_TRANSITIONS[t.state]:
+                raise TransferStateError(
+                    transfer_id, t.state, "uploaded", f"cannot move from {t.state!r} to 'uploaded'")
+            now = self._now()
+            t.set(state="uploaded", duplicate_of=duplicate_of, updated_at=now, next_check_at=now,
+                  lease_owner=None, lease_until=None)
+            return _transfer_record(t)
+
+        return self._run(tx, write=True, what=f"mark transfer {transfer_id!r} duplicate")
+
+    # -- chunk journal --------------------------------------------------------------
+
+    def journal_chunk(self, transfer_id: str, part_index: int, chunk_index: int,
+                      account: str) -> None:
+        """Remember that the server acknowledged one upload chunk of a part."""
+        self.journal_chunk_many(transfer_id, part_index, (chunk_index,), account)
+
+    def journal_chunk_many(self, transfer_id: str, part_index: int,
+                           chunk_indexes: Iterable[int], account: str) -> None:
+        chunks = sorted({int(c) for c in chunk_indexes})
+        part_index = int(part_index)
+        Journal = self.entities.PartJournal
+
+        def tx():
+            self._part_for_update(transfer_id, part_index)  # clear error, not an FK failure
+            now = self._now()
+            for c in chunks:
+                row = Journal.get(transfer_id=transfer_id, part_index=part_index, chunk_index=c)
+                if row is None:
+                    Journal(transfer_id=transfer_id, part_index=part_index, chunk_index=c,
+                            account=account, acked_at=now)
+                else:
+                    row.set(account=account, acked_at=now)
+
+        self._run(tx, write=True, what=f"journal chunks of {transfer_id!r} part {part_index}")
+
+    def journaled_chunks(self, transfer_id: str, part_index: int, *,
+                         account: str | None = None,
+                         max_age: float | None = None) -> set[int]:
+        """Chunk indexes acknowledged for a part (optionally: by ``account``,
+        acknowledged within the last ``max_age`` seconds, i.e. the part TTL)."""
+        part_index = int(part_index)
+        Journal = self.entities.PartJournal
+
+        def tx():
+            q = Journal.select(
+                lambda j: j.transfer_id == transfer_id and j.part_index == part_index)
+            if account is not None:
+                q = q.filter(lambda j: j.account == account)
+            if max_age is not None:
+                oldest = self._now() - float(max_age)
+                q = q.filter(lambda j: j.acked_at >= oldest)
+            return {j.chunk_index for j in q}
+
+        return self._run(tx, write=False, what=f"read journal of {transfer_id!r}")
+
+    def clear_journal(self, transfer_id: str, part_index: int | None = None) -> int:
+        Journal = self.entities.PartJournal
+
+        def tx():
+            q = Journal.select(lambda j: j.transfer_id == transfer_id)
+            if part_index is not None:
+                index = int(part_index)
+                q = q.filter(lambda j: j.part_index == index)
+            return q.delete(bulk=True)
+
+        return self._run(tx, write=True, what=f"clear journal of {transfer_id!r}")
+
+    # -- verification leases --------------------------------------------------------
+
+    def claim_due_transfers(
+        self, owner: str, limit: int, lease_seconds: float,
+        states: Sequence[str] = DUE_STATES,
+    ) -> list[TransferRecord]:
+        """Lease up to ``limit`` due transfers to ``owner``; never one leased to another."""
+        if not owner:
+            raise ValueError("lease owner must not be empty")
+        states = tuple(states)
+        for s in states:
+            _check_state(s)
+        if int(limit) <= 0 or not states:
+            return []
+        Transfer = self.entities.Transfer
+        params: dict = {"owner": owner, "lim": int(limit)}
+        params.update({f"s{i}": s for i, s in enumerate(states)})
+        in_states = ", ".join(f"$s{i}" for i in range(len(states)))
+        due = (f"state IN ({in_states}) AND next_check_at IS NOT NULL "
+               "AND next_check_at <= $now AND (lease_until IS NULL OR lease_until <= $now)")
+
+        def tx():
+            now = self._now()
+            params.update(now=now, until=now + float(lease_seconds))
+            if self.dialect == "postgres":
+                cur = self.db.execute(
+                    "UPDATE transfers SET lease_owner = $owner, lease_until = $until "
+                    f"WHERE id IN (SELECT id FROM transfers WHERE {due} "
+                    "ORDER BY next_check_at, id LIMIT $lim FOR UPDATE SKIP LOCKED) "
+                    f"AND {due} "
+                    "RETURNING id", {}, params)
+                ids = [r[0] for r in cur.fetchall()]
+            else:
+                # BEGIN IMMEDIATE (write=True) serialises writers on SQLite;
+                # the UPDATE re-checks the lease anyway.
+                cur = self.db.execute(
+                    f"SELECT id FROM transfers WHERE {due} ORDER BY next_check_at, id "
+                    "LIMIT $lim", {}, params)
+                candidates = [r[0] for r in cur.fetchall()]
+                ids = []
+                for tid in candidates:
+                    params["tid"] = tid
+                    cur = self.db.execute(
+                        "UPDATE transfers SET lease_owner = $owner, lease_until = $until "
+                        f"WHERE id = $tid AND {due}", {}, params)
+                    if cur.rowcount == 1:
+                        ids.append(tid)
+            if not ids:
+                return []
+            rows = Transfer.select(lambda t: t.id in ids and t.lease_owner == owner)
+            by_id = {t.id: _transfer_record(t) for t in rows}
+            return sorted(by_id.values(), key=lambda r: (r.next_check_at, r.id))
+
+        return self._run(tx, write=True, what="claim due transfers")
+
+    def renew_transfer_lease(self, transfer_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend our lease on a transfer; False when another owner has it."""
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            if t.lease_owner != owner:
+                return False
+            t.lease_until = self._now() + float(lease_seconds)
+            return True
+
+        return self._run(tx, write=True, what=f"renew lease on {transfer_id!r}")
+
+    def release_transfer_lease(self, transfer_id: str, owner: str, *,
+                               next_check_at=UNSET) -> bool:
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            if t.lease_owner != owner:
+                return False
+            t.set(lease_owner=None, lease_until=None)
+            if next_check_at is not UNSET:
+                t.next_check_at = None if next_check_at is None else float(next_check_at)
+            return True
+
+        return self._run(tx, write=True, what=f"release lease on {transfer_id!r}")
+
+    def record_check(
+        self, transfer_id: str, *, present: Iterable[int] = (), missing: Iterable[int] = (),
+        next_check_at=UNSET, lease_owner: str | None = None,
+    ) -> TransferRecord:
+        """Record one verification pass: present parts verified, misses counted."""
+        present = {int(i) for i in present}
+        missing = {int(i) for i in missing}
+        if present & missing:
+            raise ValueError(f"parts both present and missing: {sorted(present & missing)}")
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            _check_lease(t, lease_owner)
+            now = self._now()
+            known = set()
+            for p in t.parts:
+                known.add(p.part_index)
+                if p.part_index in present:
+                    p.verified_at = now
+                elif p.part_index in missing:
+                    p.set(verified_at=None, misses=p.misses + 1)
+            unknown = (present | missing) - known
+            if unknown:
+                raise StorageError(f"transfer {transfer_id!r} has no parts {sorted(unknown)}")
+            t.set(last_check_at=now, updated_at=now)
+            if next_check_at is not UNSET:
+                t.next_check_at = None if next_check_at is None else float(next_check_at)
+            return _transfer_record(t)
+
+        return self._run(tx, write=True, what=f"record check of {transfer_id!r}")
