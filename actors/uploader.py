@@ -1,4 +1,4 @@
-"""Adapters that let :func:`actors.uploader_core.upload_document` drive real actors.
+"""UploaderActor, and the adapters that let upload_document drive real actors.
 
 - :class:`AccountPort`: an UploadPort over an AccountActor ref (asks bridged into asyncio);
 - :class:`FileReader`: ``read(offset, length)`` of a source file (``os.pread``);
@@ -7,18 +7,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
+
+from loguru import logger
 
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
+from actors.base import LoopActor
 from actors.telegram.errors import FilePartMissingError, RpcError
+from actors.uploader_core import UploadStats, upload_document
+from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
+from storage.manifest import ManifestError, read_manifest
 
-__all__ = ["AccountPort", "FileReader", "BudgetActorPort", "BudgetRefusedError"]
+__all__ = ["AccountPort", "FileReader", "BudgetActorPort", "BudgetRefusedError", "StorageJournal",
+           "UploaderActor"]
 
 
 async def ask_async(ref: Any, message: Any, timeout: float) -> Any:
@@ -149,3 +158,104 @@ class BudgetActorPort:
             future.set_result(message.lease)
         elif isinstance(message, BudgetRefused):
             future.set_exception(BudgetRefusedError(message.reason))
+
+
+# -- the journal, on storage ---------------------------------------------------------------
+class StorageJournal:
+    """ChunkJournal over storage.transfers (journal_chunk / journaled_chunks).
+
+    Chunks are uploaded per session, so only chunks this ``account`` sent count.
+    """
+
+    def __init__(self, storage: Any, transfer_id: str, part_index: int, account: str,
+                 *, max_age: float | None = None):
+        self.storage, self.transfer_id, self.part_index = storage, transfer_id, part_index
+        self.account, self.max_age = account, max_age
+
+    def acked(self) -> set[int]:
+        return self.storage.journaled_chunks(self.transfer_id, self.part_index,
+                                             account=self.account, max_age=self.max_age)
+
+    def record(self, index: int) -> None:
+        self.storage.journal_chunk(self.transfer_id, self.part_index, index, self.account)
+
+
+# -- the actor ---------------------------------------------------------------------------------
+class UploaderActor(LoopActor):
+    """One transfer at a time: every part without a message, through one account.
+
+    ``accounts`` maps account names to AccountActor refs (or is any callable
+    name -> ref).  Per part: upload_document (window of chunks, journal in
+    storage, budget leases when ``budget`` is given), then the message id is
+    recorded at once (phase 1, ``record_part_sent``) and the part's journal
+    cleared; when every part has its message the transfer is marked uploaded.
+    An error leaves the transfer in "uploading" (resumable) and is returned in
+    the caller's future; a manifest that cannot be read marks it "failed".
+    """
+
+    def __init__(self, storage: Any, accounts: Any, *, budget: Any = None, window: int = 8,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader"):
+        super().__init__()
+        self.storage, self.budget, self.window = storage, budget, window
+        self._accounts = accounts if callable(accounts) else accounts.__getitem__
+        self._clock, self._sleep = clock, sleep
+        self._max_attempts, self._timeout = max_attempts, request_timeout
+        self._lock: asyncio.Lock | None = None
+        self._log = logger.bind(actor=name)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, UploadTransfer):
+            return self._upload(message)
+        raise TypeError(f"UploaderActor does not handle {type(message).__name__}")
+
+    async def _upload(self, msg: UploadTransfer) -> TransferUploadedResult:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one transfer at a time; later asks wait their turn
+            return await self._upload_one(msg)
+
+    async def _upload_one(self, msg: UploadTransfer) -> TransferUploadedResult:
+        store, tid = self.storage, msg.transfer_id
+        log = self._log.bind(account=msg.account, transfer=tid)
+        transfer = store.get_transfer(tid)
+        if transfer is None:
+            raise LookupError(f"transfer {tid} not found")
+        try:
+            manifest = read_manifest(transfer.manifest_path)
+        except ManifestError as exc:
+            store.set_transfer_state(tid, "failed", reason=str(exc))
+            log.error("manifest refused, transfer marked failed: {}", exc)
+            raise
+        if transfer.state == "planned":
+            store.set_transfer_state(tid, "uploading", expected=("planned",), account=msg.account)
+        elif transfer.state != "uploading":
+            raise ValueError(f"transfer {tid} is {transfer.state}, not planned/uploading")
+        port = AccountPort(self._accounts(msg.account), msg.channel or manifest.destination,
+                           timeout=self._timeout)
+        budget = BudgetActorPort(self.budget, msg.account) if self.budget is not None else None
+        sent: list[PartSent] = []
+        try:
+            with FileReader(manifest.sources[0].path) as reader:
+                for part in store.parts_without_message(tid):
+                    plan = dataclasses.replace(manifest.parts[part.index], random_id=part.random_id)
+                    stats: list[UploadStats] = []
+                    result = await upload_document(
+                        port, plan, reader, window=self.window,
+                        journal=StorageJournal(store, tid, part.index, msg.account),
+                        budget=budget, clock=self._clock, sleep=self._sleep,
+                        max_attempts=self._max_attempts, on_stats=stats.append)
+                    store.record_part_sent(tid, part.index, message_id=result.message_id,
+                                           document_id=result.document_id, account=msg.account)
+                    store.clear_journal(tid, part.index)
+                    log.info("part {} sent as message {} ({})", part.index, result.message_id, stats[0])
+                    sent.append(PartSent(part.index, result.message_id, result.document_id, stats[0]))
+        finally:
+            if budget is not None:
+                budget.close()
+        done = store.mark_transfer_uploaded(tid)
+        fresh = {p.index for p in sent}
+        earlier = tuple(PartSent(p.index, p.message_id, p.document_id, None)
+                        for p in store.list_parts(tid) if p.index not in fresh)
+        return TransferUploadedResult(tid, done.state, tuple(sorted(sent + list(earlier), key=lambda p: p.index)))

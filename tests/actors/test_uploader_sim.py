@@ -152,3 +152,56 @@ def test_journal_says_acked_but_server_dropped_everything(env, size):
     sent, stats = env.upload(path, plan, journal=MemoryJournal(range(total)))
     assert env.world.document_bytes(env.dest, sent.message_id) == path.read_bytes()
     assert stats.chunks_resent == total and stats.send_attempts == 2
+
+
+# -- UploaderActor: a whole transfer through storage ---------------------------------------
+def planned_transfer(env, size, limit):
+    from storage.manifest import write_manifest
+    path = env.tmp / "split.bin"
+    path.write_bytes(os.urandom(size))
+    manifest = build_manifest(path, "stash_archive", limit, caption="split me")
+    mpath = write_manifest(manifest, env.tmp / "split.manifest")
+    env.storage.create_transfer(
+        manifest.transfer_id, source_path=str(path), size=size, sha256=manifest.sha256,
+        destination="stash_archive", manifest_path=str(mpath), delete_original=False,
+        parts=[(p.index, p.offset, p.length, p.sha256, p.file_name, p.random_id) for p in manifest.parts])
+    return path, manifest
+
+
+def start_uploader(env):
+    from actors.uploader import UploaderActor
+    return UploaderActor.start(env.storage, {"alice": env.account}, window=4, clock=env.clock,
+                               sleep=env.sleep)
+
+
+def test_uploader_actor_uploads_a_split_transfer_and_records_it(env):
+    from actors.uploader_messages import UploadTransfer
+    path, manifest = planned_transfer(env, 7 * MIB + 100, 3 * MIB)
+    assert len(manifest.parts) == 3
+    result = start_uploader(env).ask(UploadTransfer(manifest.transfer_id, "alice"), timeout=30)
+    assert result.state == "uploaded" and [p.index for p in result.parts] == [0, 1, 2]
+    data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in result.parts)
+    assert data == path.read_bytes()
+    parts = env.storage.list_parts(manifest.transfer_id)
+    assert [p.message_id for p in parts] == [p.message_id for p in result.parts]
+    assert all(p.account == "alice" for p in parts)
+    assert env.storage.get_transfer(manifest.transfer_id).state == "uploaded"
+    assert env.storage.journaled_chunks(manifest.transfer_id, 0) == set()
+
+
+def test_uploader_actor_resumes_from_the_journal_after_a_failed_send(env):
+    from actors.telegram.errors import RpcError
+    from actors.uploader_messages import UploadTransfer
+    path, manifest = planned_transfer(env, 5 * MIB, 3 * MIB)
+    uploader = start_uploader(env)
+    env.world.set_fault(Fault("error", request="SendMediaRequest", error="CHAT_WRITE_FORBIDDEN", code=403))
+    with pytest.raises(RpcError):
+        uploader.ask(UploadTransfer(manifest.transfer_id, "alice"), timeout=30)
+    assert env.storage.get_transfer(manifest.transfer_id).state == "uploading"
+    assert env.storage.journaled_chunks(manifest.transfer_id, 0) == set(range(6))
+    env.world.clear_faults()
+    result = uploader.ask(UploadTransfer(manifest.transfer_id, "alice"), timeout=30)
+    assert result.state == "uploaded"
+    assert env.count("SaveFilePartRequest") == 10          # every chunk exactly once
+    data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in result.parts)
+    assert data == path.read_bytes()
