@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import signal
 import socket
 import threading
@@ -118,17 +119,37 @@ def test_start_ready_admin_commands_and_stop(tmp_path, notify_sock):
     assert not any(r.is_alive() for r in pykka.ActorRegistry.get_all())
 
 
+def recording_starter(started: queue.Queue):
+    """FakeAccount.start that also reports (name, actor urn) of every incarnation."""
+    def start(name, *args):
+        ref = FakeAccount.start(name, *args)
+        started.put((name, ref.actor_urn))
+        return ref
+    return start
+
+
+def wait_restarted(d, started: queue.Queue, name: str, old_urn: str) -> pykka.ActorRef:
+    """The next incarnation of ``name``, once the supervisor has it running.
+
+    The starter reports it from inside the supervisor's restart handling, so the
+    GetChild ask behind account_ref is answered only after that handling finished."""
+    while True:
+        got, urn = started.get(timeout=20)
+        if got == name and urn != old_urn:
+            break
+    ref = d.account_ref(name)
+    assert ref is not None and ref.actor_urn == urn
+    return ref
+
+
 def test_crashed_account_is_restarted(tmp_path):
-    d = start_daemon(make_settings(tmp_path))
+    started: queue.Queue = queue.Queue()
+    d = start_daemon(make_settings(tmp_path), account_starter=recording_starter(started))
     try:
         first = d.account_ref("alice")
         first.tell("crash")
-        for _ in range(500):
-            ref = d.account_ref("alice")
-            if ref is not None and ref.actor_urn != first.actor_urn:
-                break
-            threading.Event().wait(0.01)
-        assert ref is not None and ref.actor_urn != first.actor_urn
+        ref = wait_restarted(d, started, "alice", first.actor_urn)
+        assert ref.actor_urn != first.actor_urn
         assert d.account_info("alice")["state"] == "ready"
         restarts = {a["name"]: a["restarts"] for a in d.status()["actors"]}
         assert restarts == {"account:alice": 1, "account:bob": 0}
@@ -227,22 +248,15 @@ def test_metrics_endpoint_shows_actor_gauges(tmp_path):
     settings = make_settings(tmp_path)
     settings = settings.__class__(**{**settings.__dict__,
                                      "metrics": settings.metrics.__class__(enabled=True, host="127.0.0.1", port=port)})
-    d = start_daemon(settings)
+    started: queue.Queue = queue.Queue()
+    d = start_daemon(settings, account_starter=recording_starter(started))
     try:
-        d.account_ref("alice").tell("crash")
-
-        def scraped():
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            ok = ('stashd_actor_restarts_total{actor="account:alice"} 1.0' in body
-                  and "stashd_actors_alive 2.0" in body)
-            return body if ok else None
-
-        for _ in range(500):
-            body = scraped()
-            if body:
-                break
-            threading.Event().wait(0.01)
-        assert body, "restart and alive gauges never showed up"
+        first = d.account_ref("alice")
+        first.tell("crash")
+        wait_restarted(d, started, "alice", first.actor_urn)  # gauges are set in the same handling
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'stashd_actor_restarts_total{actor="account:alice"} 1.0' in body
+        assert "stashd_actors_alive 2.0" in body
         assert 'stashd_actor_inbox_depth{actor="account:bob"} 0.0' in body
     finally:
         d.stop()
