@@ -168,3 +168,91 @@ def test_random_interleavings_never_lose_a_chunk(n, window, journaled, events):
             break
     assert s.done and s.acked == set(range(n)) and not s.pending and not s.in_flight
     assert set(acks) | journaled == set(range(n))
+
+
+# -- the driver against a fake port -----------------------------------------------------------
+import asyncio  # noqa: E402
+
+from actors.uploader_core import MemoryJournal, UploadError, UploadStats, upload_document  # noqa: E402
+
+
+class FakePort:
+    """Scripted answers: ``errors[(kind, index)]`` is a list of exceptions raised in turn."""
+
+    def __init__(self, clock, errors=None):
+        self.clock, self.errors = clock, errors or {}
+        self.stored, self.calls, self.live, self.peak = {}, [], 0, 0
+
+    def _maybe_raise(self, key):
+        queue = self.errors.get(key)
+        if queue:
+            raise queue.pop(0)
+
+    async def upload_part(self, file_id, index, total, data, big):
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        try:
+            await asyncio.sleep(0)
+            self.calls.append(("part", index))
+            self._maybe_raise(("part", index))
+            self.stored[index] = data
+        finally:
+            self.live -= 1
+
+    async def send_document(self, **kw):
+        self.calls.append(("send", kw["random_id"]))
+        self._maybe_raise(("send", None))
+        for i in range(kw["total_parts"]):
+            if i not in self.stored:
+                raise FilePartMissingError("SendMediaRequest", i)
+        return b"".join(self.stored[i] for i in range(kw["total_parts"]))
+
+
+def run_upload(port, p, data, clock, **kw):
+    slept, stats = [], []
+
+    async def sleep(s):
+        slept.append(s)
+        clock.now += s
+
+    out = asyncio.run(upload_document(port, p, lambda off, n: data[off:off + n], clock=clock,
+                                      sleep=sleep, on_stats=stats.append, **kw))
+    return out, slept, stats[0]
+
+
+def test_driver_retries_transient_errors_and_waits_out_floods():
+    clock = Clock()
+    data = bytes(range(256)) * (6 * CHUNK_SIZE // 256)
+    port = FakePort(clock, {
+        ("part", 1): [RpcError("SaveFilePartRequest", None, "connection failed")],
+        ("part", 3): [FloodWaitError("SaveFilePartRequest", 20, clock.now + 20)],
+        ("part", 4): [CoolingDownError("SaveFilePartRequest", clock.now + 20)],
+        ("send", None): [FloodWaitError("SendMediaRequest", 5, clock.now + 100)],
+    })
+    out, slept, stats = run_upload(port, plan(len(data)), data, clock, window=3, backoff=0.25)
+    assert out == data and port.peak <= 3
+    assert stats == UploadStats(chunks_sent=6, chunks_resent=0, flood_waits=3, retries=1, send_attempts=2)
+    assert 0.25 in slept and sum(slept) >= 100
+    assert [c for c in port.calls if c[0] == "send"] == [("send", 22), ("send", 22)]
+
+
+def test_driver_gives_up_and_raises_permanent_errors():
+    clock = Clock()
+    data = b"x" * (2 * CHUNK_SIZE)
+    failing = FakePort(clock, {("part", 0): [RpcError("SaveFilePartRequest", 500, "X")] * 3})
+    with pytest.raises(UploadError):
+        run_upload(failing, plan(len(data)), data, clock, window=2, max_attempts=3)
+    refused = FakePort(clock, {("send", None): [RpcError("SendMediaRequest", 400, "MEDIA_INVALID")]})
+    with pytest.raises(RpcError):
+        run_upload(refused, plan(len(data)), data, clock, window=2)
+
+
+def test_driver_resends_what_the_server_lost_and_skips_the_journal():
+    clock = Clock()
+    data = b"y" * (4 * CHUNK_SIZE)
+    port = FakePort(clock)
+    port.stored = {0: data[:CHUNK_SIZE]}            # the server kept 0, lost 1
+    journal = MemoryJournal({0, 1})
+    out, _, stats = run_upload(port, plan(len(data)), data, clock, window=4, journal=journal)
+    assert out == data and stats.chunks_resent == 2  # 1 reported missing; 0 is as old, re-sent too
+    assert sorted(i for k, i in port.calls if k == "part") == [0, 1, 2, 3]

@@ -205,3 +205,34 @@ def test_uploader_actor_resumes_from_the_journal_after_a_failed_send(env):
     assert env.count("SaveFilePartRequest") == 10          # every chunk exactly once
     data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in result.parts)
     assert data == path.read_bytes()
+
+
+def test_budget_leases_bound_the_chunks_in_memory(env):
+    from actors.budget import BudgetActor
+    from actors.budget_messages import GetBudgetSnapshot
+    from actors.uploader import BudgetActorPort
+
+    budget = BudgetActor.start(2 * 512 * 1024, 8, 8, clock=env.clock)
+    path, plan = env.file("big.bin", 11 * MIB)
+    live, peak = [0], [0]
+
+    class CountingPort(AccountPort):
+        async def upload_part(self, *args):
+            try:
+                return await super().upload_part(*args)
+            finally:
+                live[0] -= 1
+
+    with FileReader(path) as reader:
+        def read(offset, length):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return reader(offset, length)
+
+        port = BudgetActorPort(budget, "alice")
+        sent = asyncio.run(upload_document(CountingPort(env.account, env.dest), plan, read, window=6,
+                                           budget=port, clock=env.clock, sleep=env.sleep))
+    assert env.world.document_bytes(env.dest, sent.message_id) == path.read_bytes()
+    assert peak[0] == 2  # the window is 6, the byte budget two chunks
+    snap = budget.ask(GetBudgetSnapshot(), timeout=10)
+    assert (snap.reserved_bytes, snap.waiting, snap.slots_in_use) == (0, 0, 0)
