@@ -1,6 +1,7 @@
 """Restart intensity, backoff and the supervisor actor with deliberately failing children."""
 from __future__ import annotations
 
+import queue
 import random
 import threading
 
@@ -124,24 +125,32 @@ def _start_sup(specs, exit_rec, **kw):
     return sup
 
 
-def _wait_new_ref(sup, name, old_urn, timeout=10.0):
-    """Bounded polling of the condition 'a new incarnation answers'."""
-    done = threading.Event()
-    result = {}
+class Spawns:
+    """Wraps child factories so every started incarnation is reported on a queue.
 
-    def check():
-        ref = sup.ask(GetChild(name), timeout=5)
-        if ref is not None and ref.actor_urn != old_urn:
-            result["ref"] = ref
-            return True
-        return False
+    The report is made inside the supervisor's own spawn handling, so a GetChild
+    asked after it is answered once that handling (ping, state, gauges) is done."""
 
-    deadline = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return result["ref"]
-        deadline.wait(0.01)
-    raise AssertionError(f"{name} was not restarted")
+    def __init__(self):
+        self.started: queue.Queue = queue.Queue()
+
+    def wrap(self, name, factory):
+        def start():
+            ref = factory()
+            self.started.put((name, ref.actor_urn))
+            return ref
+        return start
+
+
+def _wait_new_ref(sup, spawns, name, old_urn, timeout=10.0):
+    """The next running incarnation of ``name`` (not ``old_urn``)."""
+    while True:
+        got, urn = spawns.started.get(timeout=timeout)
+        if got == name and urn != old_urn:
+            break
+    ref = sup.ask(GetChild(name), timeout=5)
+    assert ref is not None and ref.actor_urn == urn, f"{name} was not restarted"
+    return ref
 
 
 def test_children_start_in_order_and_stop_in_reverse():
@@ -179,11 +188,13 @@ def test_crashed_child_is_replaced_by_a_new_answering_actor():
         inbox_depth=Gauge("t_inbox", "x", ["actor"], registry=registry),
     )
     exit_rec = ExitRecorder()
-    sup = _start_sup([ChildSpec("w", lambda: Worker.start("w", started))], exit_rec, metrics=metrics)
+    spawns = Spawns()
+    sup = _start_sup([ChildSpec("w", spawns.wrap("w", lambda: Worker.start("w", started)))], exit_rec,
+                     metrics=metrics)
     first = sup.ask(GetChild("w"), timeout=5)
     assert first.ask(Echo(), timeout=5) == "w"
     first.tell(Crash())
-    second = _wait_new_ref(sup, "w", first.actor_urn)
+    second = _wait_new_ref(sup, spawns, "w", first.actor_urn)
     assert second.ask(Echo(), timeout=5) == "w"
     assert not first.is_alive()
     assert len(started) == 2
@@ -194,10 +205,11 @@ def test_crashed_child_is_replaced_by_a_new_answering_actor():
 
 
 def test_plain_actor_death_noticed_by_poll():
-    sup = _start_sup([ChildSpec("p", lambda: PlainWorker.start())], ExitRecorder())
+    spawns = Spawns()
+    sup = _start_sup([ChildSpec("p", spawns.wrap("p", PlainWorker.start))], ExitRecorder())
     first = sup.ask(GetChild("p"), timeout=5)
     first.tell(Crash())
-    second = _wait_new_ref(sup, "p", first.actor_urn)
+    second = _wait_new_ref(sup, spawns, "p", first.actor_urn)
     assert second.ask("x", timeout=5) == "plain"
 
 
@@ -210,14 +222,15 @@ def test_intensity_exceeded_stops_everything_and_exits_nonzero():
         def on_stop(self):
             stopped.append("other")
 
+    spawns = Spawns()
     specs = [ChildSpec("other", lambda: Other.start()),
-             ChildSpec("w", lambda: Worker.start("w", started))]
+             ChildSpec("w", spawns.wrap("w", lambda: Worker.start("w", started)))]
     sup = _start_sup(specs, exit_rec, max_restarts=2, restart_window_seconds=60)
     urn = None
     for _ in range(2):
         ref = sup.ask(GetChild("w"), timeout=5)
         ref.tell(Crash())
-        urn = _wait_new_ref(sup, "w", ref.actor_urn).actor_urn
+        urn = _wait_new_ref(sup, spawns, "w", ref.actor_urn).actor_urn
     sup.ask(GetChild("w"), timeout=5).tell(Crash())  # third restart within the window
     assert exit_rec.event.wait(10)
     assert exit_rec.code == 1
@@ -270,8 +283,9 @@ def test_noncritical_child_failing_to_start_is_retried():
             raise OSError("not yet")
         return Worker.start("n", [])
 
-    sup = _start_sup([ChildSpec("n", factory, critical=False)], ExitRecorder())
-    ref = _wait_new_ref(sup, "n", None)
+    spawns = Spawns()
+    sup = _start_sup([ChildSpec("n", spawns.wrap("n", factory), critical=False)], ExitRecorder())
+    ref = _wait_new_ref(sup, spawns, "n", None)
     assert ref.ask(Echo(), timeout=5) == "n"
 
 
