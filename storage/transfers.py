@@ -703,12 +703,16 @@ class TransferStore:
             now = self._now()
             params.update(now=now, until=now + float(lease_seconds))
             if self.dialect == "postgres":
+                # The CTE is materialised, so the locking subquery runs once
+                # (a plain "id IN (SELECT ... LIMIT n)" may be re-run per row
+                # and lease more than n).
                 cur = self.db.execute(
+                    "WITH due AS MATERIALIZED (SELECT id FROM transfers "
+                    f"WHERE {due} ORDER BY next_check_at, id LIMIT $lim "
+                    "FOR UPDATE SKIP LOCKED) "
                     "UPDATE transfers SET lease_owner = $owner, lease_until = $until "
-                    f"WHERE id IN (SELECT id FROM transfers WHERE {due} "
-                    "ORDER BY next_check_at, id LIMIT $lim FOR UPDATE SKIP LOCKED) "
-                    f"AND {due} "
-                    "RETURNING id", {}, params)
+                    f"FROM due WHERE transfers.id = due.id AND {due} "
+                    "RETURNING transfers.id", {}, params)
                 ids = [r[0] for r in cur.fetchall()]
             else:
                 # BEGIN IMMEDIATE (write=True) serialises writers on SQLite;
