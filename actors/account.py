@@ -37,6 +37,7 @@ from actors.account_core import (
     json_value,
     message_info,
     request_kind,
+    rpc_error_name,
     sent_message,
     upload_limit_bytes,
 )
@@ -266,12 +267,13 @@ class AccountActor(SupervisedMixin, LoopActor):
             req = getattr(exc, "request", None)
             self._forget_telethon_flood(req)
             raise self._flooded(request_kind(req) if req is not None else kind, exc.seconds) from None
-        except tg_errors.FilePartMissingError as exc:
+        except (tg_errors.FilePartMissingError, tg_errors.FilePart0MissingError) as exc:
+            # Telethon gives part 0 a class of its own, without .which
             self._metrics.request(kind, "error")
-            raise FilePartMissingError(kind, exc.which) from None
+            raise FilePartMissingError(kind, getattr(exc, "which", 0)) from None
         except tg_errors.RPCError as exc:
             self._metrics.request(kind, "error")
-            raise RpcError(kind, exc.code, exc.message) from None
+            raise RpcError(kind, exc.code, rpc_error_name(exc)) from None
         except (ConnectionError, OSError, TimeoutError) as exc:
             self._metrics.request(kind, "error")
             raise RpcError(kind, None, f"connection failed: {exc!r}") from None

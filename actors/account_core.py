@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
+from telethon.errors import rpcerrorlist
 from telethon.tl import types
 
 from actors.account_messages import DocumentInfo, MessageInfo
@@ -94,6 +95,25 @@ def request_kind(request: Any) -> str:
     if isinstance(request, (list, tuple)) and request:
         request = request[0]
     return type(request).__name__
+
+
+_ERROR_NAMES = {cls: name for name, cls in rpcerrorlist.rpc_errors_dict.items()}
+
+
+def rpc_error_name(exc: Exception) -> str:
+    """Telegram's own error string for a Telethon RPC error.
+
+    Telethon turns a known error into its own class whose ``message`` is only
+    the generic 'BAD_REQUEST'; the name ('MEDIA_INVALID', 'FILE_PART_0_MISSING')
+    is what callers must act on and what operators must see.
+    """
+    name = _ERROR_NAMES.get(type(exc))
+    if name is not None:
+        return name
+    which = getattr(exc, "which", None)
+    if type(exc).__name__ == "FilePartMissingError" and which is not None:
+        return f"FILE_PART_{which}_MISSING"
+    return str(getattr(exc, "message", "") or type(exc).__name__)
 
 
 def check_download_range(offset: int, limit: int) -> None:

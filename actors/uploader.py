@@ -21,7 +21,7 @@ from loguru import logger
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
 from actors.base import LoopActor
-from actors.telegram.errors import FilePartMissingError, RpcError
+
 from actors.uploader_core import UploadStats, upload_document
 from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
 from storage.manifest import ManifestError, read_manifest
@@ -43,7 +43,6 @@ class AccountPort:
                  mime_type: str | None = None, timeout: float = 120.0):
         self.ref, self.channel = account_ref, channel
         self.topic_id, self.mime_type, self.timeout = topic_id, mime_type, timeout
-        self._guessed: set[int] = set()
 
     async def upload_part(self, file_id: int, index: int, total: int, data: bytes,
                           big: bool) -> PartUploadedResult:
@@ -53,18 +52,7 @@ class AccountPort:
                             size: int, caption: str, random_id: int) -> DocumentSentResult:
         msg = SendDocument(self.channel, file_id, total_parts, big, file_name, size, caption,
                            random_id, topic_id=self.topic_id, mime_type=self.mime_type)
-        try:
-            return await ask_async(self.ref, msg, self.timeout)
-        except RpcError as exc:
-            # WORKAROUND (actors/account.py, owned by ACCOUNT): Telethon raises
-            # FILE_PART_0_MISSING as its own FilePart0MissingError, which the account
-            # returns as RpcError(400, "BAD_REQUEST"), the generic text of every known
-            # 400.  Read it once per file as "part 0 missing" (the driver then re-sends
-            # what may have expired); a second one is a real error.
-            if exc.code == 400 and exc.message == "BAD_REQUEST" and file_id not in self._guessed:
-                self._guessed.add(file_id)
-                raise FilePartMissingError(exc.kind, 0) from exc
-            raise
+        return await ask_async(self.ref, msg, self.timeout)
 
 
 class FileReader:

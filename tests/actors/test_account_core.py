@@ -126,3 +126,19 @@ def test_message_info_and_sent_message():
     )
     msg_id, message = sent_message(updates, 42)
     assert msg_id == 10 and message.id == 10
+
+
+def test_rpc_error_name_recovers_telegrams_error_string():
+    from telethon.errors import rpc_message_to_error
+    from telethon.tl.types import RpcError as TlRpcError
+
+    from actors.account_core import rpc_error_name
+
+    def err(message):
+        return rpc_message_to_error(TlRpcError(400, message), None)
+
+    assert err("MEDIA_INVALID").message == "BAD_REQUEST"  # what Telethon keeps
+    assert rpc_error_name(err("MEDIA_INVALID")) == "MEDIA_INVALID"
+    assert rpc_error_name(err("FILE_PART_0_MISSING")) == "FILE_PART_0_MISSING"
+    assert rpc_error_name(err("FILE_PART_7_MISSING")) == "FILE_PART_7_MISSING"
+    assert rpc_error_name(err("SOMETHING_NEW_FROM_TELEGRAM")) == "SOMETHING_NEW_FROM_TELEGRAM"
