@@ -21,7 +21,6 @@ from loguru import logger
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
 from actors.base import LoopActor
-
 from actors.uploader_core import UploadStats, upload_document
 from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
 from storage.manifest import ManifestError, read_manifest
