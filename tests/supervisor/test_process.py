@@ -23,6 +23,26 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def no_sim_server_left(tmp_path):
+    """A ``stashd run``/``demo`` stops the sim server it started, which removes its
+    sim.pid. A killed daemon (a failing test's cleanup) would orphan that server,
+    which runs in its own session: kill it here and report the leak."""
+    yield
+    leaked = []
+    for pid_file in tmp_path.rglob("sim.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # gone already
+        if str(pid_file.parent).encode() not in cmdline:
+            continue  # the pid was reused by an unrelated process
+        os.kill(pid, signal.SIGKILL)
+        leaked.append(pid)
+    assert not leaked, f"sim server(s) left running: {leaked}"
+
+
 def wait_for(condition, timeout=20.0, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
