@@ -2,7 +2,12 @@
 
     stashctl [--socket PATH | --config FILE] [--json] [--timeout S] COMMAND [ARGS]
 
-Exit codes: 0 ok, 1 the command failed, 2 usage error, 3 daemon not reachable.
+Commands: status, accounts, pause ACCOUNT, resume ACCOUNT, shutdown,
+upload PATH... [--dest CHANNEL] [--caption TEXT] [--delete-original] [--wait],
+transfers [--state S] [--limit N], transfer ID, budget.
+
+Exit codes: 0 ok, 1 the command failed (or an awaited upload failed), 2 usage
+error, 3 daemon not reachable, 130 interrupted (Ctrl-C; nothing is cancelled).
 """
 from __future__ import annotations
 
@@ -16,6 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from .client import AdminClient, AdminUnreachableError
+from .progress import (
+    DONE_STATES,
+    fraction_done,
+    human_bytes,
+    human_duration,
+    shorten_left,
+    short_id,
+    wait_for_transfers,
+)
 from .protocol import AdminCommandError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -49,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stashctl",
         usage="stashctl [--socket PATH | --config FILE] [--json] [--timeout S] COMMAND [ARGS]",
         description="Control a running stashd through its admin socket.",
-        epilog="Exit codes: 0 ok, 1 command failed, 2 usage error, 3 daemon not reachable.",
+        epilog="Exit codes: 0 ok, 1 command failed (or an awaited upload failed), 2 usage error, "
+        "3 daemon not reachable, 130 interrupted (Ctrl-C cancels nothing).",
     )
     _add_common(parser, None)
     # The same options after the command must not reset what came before it.
@@ -65,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     command("pause", "stop giving an account work").add_argument("account", metavar="ACCOUNT")
     command("resume", "give a paused account work again").add_argument("account", metavar="ACCOUNT")
     command("shutdown", "graceful stop, like SIGTERM")
+    up = command("upload", "queue files or directories for upload (a directory: one transfer per file)")
+    up.add_argument("paths", nargs="+", metavar="PATH",
+                    help="files or directories under the daemon's upload roots")
+    up.add_argument("--dest", metavar="CHANNEL", help="destination channel (default: the configured one)")
+    up.add_argument("--caption", metavar="TEXT", help="caption for the documents")
+    up.add_argument("--delete-original", action="store_true",
+                    help="delete each file once its upload is verified")
+    up.add_argument("--wait", action="store_true",
+                    help="show a progress bar per file until each is uploaded (Ctrl-C stops "
+                    "waiting, not the upload); exit 1 if one fails")
+    tr = command("transfers", "transfers, oldest first: state, size, progress, account")
+    tr.add_argument("--state", metavar="S", help="only transfers in this state "
+                    "(planned, uploading, uploaded, verifying, verified, cleaned, failed)")
+    tr.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default 100)")
+    command("transfer", "one transfer in detail, with its parts").add_argument("id", metavar="ID")
+    command("budget", "upload budget: bytes in flight, slots, waiters, per-account quotas")
     return parser
 
 
@@ -76,12 +107,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--socket and --config are mutually exclusive")
     if ns.timeout <= 0:
         parser.error("--timeout must be positive")
+    if ns.cmd == "transfers" and ns.limit <= 0:
+        parser.error("--limit must be positive")
     return ns
 
 
 def command_args(ns: argparse.Namespace) -> dict:
     if ns.cmd in ("pause", "resume"):
         return {"account": ns.account}
+    if ns.cmd == "upload":
+        # Absolute here, where the relative path means something; the daemon
+        # resolves symlinks and checks the upload roots itself.
+        return {"paths": [os.path.abspath(p) for p in ns.paths], "dest": ns.dest,
+                "caption": ns.caption, "delete_original": ns.delete_original}
+    if ns.cmd == "transfers":
+        return {"state": ns.state, "limit": ns.limit}
+    if ns.cmd == "transfer":
+        return {"id": ns.id}
     return {}
 
 
@@ -133,34 +175,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
-
-
-def human_bytes(n: Any) -> str | None:
-    """Sizes as Telegram states its limits: MiB up to 64 GiB (2000 MiB, not "2 GiB")."""
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
-        return None
-    for unit, size in (("GiB", 64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            div = 1 << 30 if unit == "GiB" else size
-            value = n / div
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def human_duration(seconds: Any) -> str | None:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        return None
-    s = max(0, int(seconds))
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    if d:
-        return f"{d}d{h:02d}h{m:02d}m"
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
 
 
 def _yes_no(v: Any) -> str | None:
@@ -253,9 +267,166 @@ def format_generic(result: Any) -> str:
     return json.dumps(result, default=str)
 
 
+# ---------------------------------------------------------------- transfers
+
+
+def _short_id(v: Any) -> str | None:
+    return None if v is None else short_id(v)
+
+
+def _percent(t: dict) -> str | None:
+    if t.get("duplicate_of"):
+        return "dup"
+    if not isinstance(t.get("size"), int):
+        return None
+    return f"{fraction_done(t) * 100:.0f}%"
+
+
+def _timestamp(at: Any, now: float) -> str | None:
+    if not isinstance(at, (int, float)) or isinstance(at, bool):
+        return None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    delta = now - at
+    return f"{stamp} ({human_duration(delta)} ago)" if delta >= 0 else f"{stamp} (in {human_duration(-delta)})"
+
+
+def _transfer_list(result: Any) -> Any:
+    return result.get("transfers") if isinstance(result, dict) else result
+
+
+def format_upload(result: Any, now: float) -> str:
+    """One line per queued transfer: id, state, size, path (and what it duplicates)."""
+    transfers = _transfer_list(result)
+    if not isinstance(transfers, list):
+        return format_generic(result)
+    if not transfers:
+        return "nothing to upload"
+    rows = []
+    for t in transfers:
+        if not isinstance(t, dict):
+            rows.append((str(t), None, None, None))
+            continue
+        dup = f"duplicate of {_short_id(t['duplicate_of'])}" if t.get("duplicate_of") else ""
+        rows.append((_short_id(t.get("id")), t.get("state"), human_bytes(t.get("size")),
+                     f"{t.get('source_path')}  {dup}".rstrip()))
+    return "\n".join(table(("ID", "STATE", "SIZE", "PATH"), rows).splitlines()[1:])
+
+
+TRANSFER_HEADERS = ("ID", "STATE", "SIZE", "DONE", "ACCOUNT", "DEST", "PATH")
+
+
+def format_transfers(result: Any, now: float) -> str:
+    transfers = _transfer_list(result)
+    if not isinstance(transfers, list):
+        return format_generic(result)
+    if not transfers:
+        return "no transfers"
+    rows = []
+    for t in transfers:
+        if not isinstance(t, dict):
+            rows.append((str(t),) + (None,) * 6)
+            continue
+        rows.append((_short_id(t.get("id")), t.get("state"), human_bytes(t.get("size")), _percent(t),
+                     t.get("account"), t.get("destination"), shorten_left(t.get("source_path"), 50)))
+    return table(TRANSFER_HEADERS, rows)
+
+
+PART_HEADERS = ("PART", "OFFSET", "LENGTH", "FILE", "MESSAGE", "ACCOUNT", "SENT")
+
+
+def format_transfer(t: Any, now: float) -> str:
+    if not isinstance(t, dict):
+        return format_generic(t)
+    done, size = t.get("bytes_done"), t.get("size")
+    progress = f"{human_bytes(done) or '-'} of {human_bytes(size) or '-'}"
+    if _percent(t) not in (None, "dup"):
+        progress += f" ({_percent(t)})"
+    header = [
+        ("id", t.get("id")),
+        ("state", t.get("state")),
+        ("path", t.get("source_path")),
+        ("size", f"{human_bytes(size)} ({size} bytes)" if isinstance(size, int) else None),
+        ("done", progress),
+        ("parts", f"{t.get('parts_sent', '-')} of {t.get('parts_total', '-')} sent"),
+        ("destination", t.get("destination")),
+        ("account", t.get("account")),
+    ]
+    header += [(k, t.get(k)) for k in ("duplicate_of", "reason") if t.get(k) is not None]
+    header += [("created", _timestamp(t.get("created_at"), now)),
+               ("updated", _timestamp(t.get("updated_at"), now))]
+    width = max(len(k) for k, _ in header)
+    text = "\n".join(f"{k + ':':<{width + 1}}  {'-' if v is None else v}" for k, v in header)
+    parts = t.get("parts")
+    if not isinstance(parts, list):
+        return text
+    if not parts:
+        return text + "\n\nno parts"
+    rows = []
+    for p in parts:
+        if not isinstance(p, dict):
+            rows.append((str(p),) + (None,) * 6)
+            continue
+        sent = p.get("sent_at")
+        rows.append((p.get("index"), human_bytes(p.get("offset")), human_bytes(p.get("length")),
+                     p.get("file_name"), p.get("message_id"), p.get("account"),
+                     f"{human_duration(now - sent)} ago" if isinstance(sent, (int, float)) else None))
+    return text + "\n\nPARTS\n" + table(PART_HEADERS, rows)
+
+
+# ---------------------------------------------------------------- budget
+
+
+def _used(used: Any, cap: Any, fmt: Callable[[Any], Any] = str) -> str:
+    return f"{fmt(used)}/{fmt(cap)}" if cap is not None else f"{fmt(used)}"
+
+
+def quota_text(a: dict, window: str) -> str:
+    """``3/10 files, 400 MiB/1000 MiB`` (no ``/cap`` where the quota is unlimited)."""
+    q = a.get("quota") if isinstance(a.get("quota"), dict) else {}
+    files = _used(a.get(f"{window}_files", 0), q.get(f"{window}_files"))
+    nbytes = _used(a.get(f"{window}_bytes", 0), q.get(f"{window}_bytes"), human_bytes)
+    return f"{files} files, {nbytes}"
+
+
+BUDGET_HEADERS = ("ACCOUNT", "IN-FLIGHT", "RESERVED", "WAITING", "COOLDOWN", "HOURLY", "DAILY")
+
+
+def format_budget(b: Any, now: float) -> str:
+    if not isinstance(b, dict):
+        return format_generic(b)
+    reserved, limit = b.get("reserved_bytes"), b.get("limit_bytes")
+    share = f" ({reserved / limit * 100:.0f}%)" if isinstance(reserved, int) and limit else ""
+    header = [
+        ("reserved", f"{human_bytes(reserved)} of {human_bytes(limit)}{share}"),
+        ("slots", f"{b.get('slots_in_use', '-')} of {b.get('global_slots', '-')} in use, "
+                  f"{b.get('per_account_slots', '-')} per account"),
+        ("waiting", b.get("waiting")),
+    ]
+    text = "\n".join(f"{k + ':':<9}  {'-' if v is None else v}" for k, v in header)
+    accounts = b.get("accounts")
+    if not accounts:
+        return text + "\n\nno account has asked for budget yet"
+    rows = []
+    for a in accounts:
+        if not isinstance(a, dict):
+            rows.append((str(a),) + (None,) * 6)
+            continue
+        until = a.get("cooldown_until")
+        cooling = isinstance(until, (int, float)) and until > now
+        rows.append((a.get("account"), a.get("parts_in_flight"), human_bytes(a.get("reserved_bytes")),
+                     f"{a.get('waiting_parts', 0)} parts, {a.get('waiting_files', 0)} files",
+                     human_duration(until - now) if cooling else None,
+                     quota_text(a, "hourly"), quota_text(a, "daily")))
+    return text + "\n\nACCOUNTS\n" + table(BUDGET_HEADERS, rows)
+
+
 FORMATTERS: dict[str, Callable[[Any, float], str]] = {
     "status": format_status,
     "accounts": format_accounts,
+    "upload": format_upload,
+    "transfers": format_transfers,
+    "transfer": format_transfer,
+    "budget": format_budget,
 }
 
 
@@ -266,10 +437,67 @@ def render(cmd: str, result: Any, *, as_json: bool, now: float) -> str:
     return formatter(result, now) if formatter else format_generic(result)
 
 
+# ---------------------------------------------------------------- upload --wait
+
+EXIT_INTERRUPTED = 130
+PATH_REFUSED = "path_refused"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _terminal_width(stream: TextIO) -> int | None:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def run_upload(client: AdminClient, ns: argparse.Namespace, stdout: TextIO, stderr: TextIO, *,
+               sleep: Callable[[float], None], clock: Callable[[], float]) -> int:
+    """``upload``: queue, print what was queued, and with ``--wait`` follow it to the end."""
+    result = client.call("upload", command_args(ns))
+    if not ns.wait:
+        print(render("upload", result, as_json=ns.json, now=time.time()), file=stdout)
+        return EXIT_OK
+    transfers = [t for t in (_transfer_list(result) or []) if isinstance(t, dict)]
+    tty = _isatty(stdout)
+    if not ns.json:
+        print(format_upload(result, time.time()), file=stdout)
+
+    def poll(cmd: str, args: dict) -> Any:
+        # A wait can outlive the daemon's idle timeout (a laptop asleep):
+        # one fresh connection is worth a try before giving up.
+        try:
+            return client.call(cmd, args)
+        except AdminUnreachableError:
+            return client.call(cmd, args)
+
+    final = wait_for_transfers(
+        poll, transfers, None if ns.json else stdout, tty=tty,
+        width=_terminal_width(stdout) if tty else None,
+        sleep=sleep, clock=clock,
+    )
+    if ns.json:
+        print(render("upload", {"transfers": final}, as_json=True, now=time.time()), file=stdout)
+    failed = [t for t in final if t.get("state") not in DONE_STATES]
+    for t in failed:
+        print(f"stashctl: transfer {t.get('id')} ({t.get('source_path')}) failed: "
+              f"{t.get('reason') or 'no reason given'}", file=stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # ---------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
+         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> int:
+    """Run one stashctl command; returns the exit code.  ``sleep`` and
+    ``clock`` pace ``upload --wait`` (tests pass fakes)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -283,13 +511,23 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return EXIT_USAGE
     try:
         with AdminClient(path, timeout=ns.timeout) as client:
+            if ns.cmd == "upload":
+                return run_upload(client, ns, stdout, stderr, sleep=sleep, clock=clock)
             result = client.call(ns.cmd, command_args(ns))
     except AdminUnreachableError as exc:
         print(f"stashctl: {exc}", file=stderr)
         return EXIT_UNREACHABLE
     except AdminCommandError as exc:
-        print(f"stashctl: {ns.cmd} failed: {exc.message} [{exc.code}]", file=stderr)
+        if exc.code == PATH_REFUSED:  # the message lists each refused path; nothing was queued
+            print(f"stashctl: upload refused, nothing queued: {exc.message}", file=stderr)
+        else:
+            print(f"stashctl: {ns.cmd} failed: {exc.message} [{exc.code}]", file=stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        stdout.flush()
+        if ns.cmd == "upload":
+            print("\nstashctl: stopped waiting; the uploads go on (see stashctl transfers)", file=stderr)
+        return EXIT_INTERRUPTED
     print(render(ns.cmd, result, as_json=ns.json, now=time.time()), file=stdout)
     return EXIT_OK
 

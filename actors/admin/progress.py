@@ -163,7 +163,7 @@ def progress_line(transfer: dict, rate: Rate | None, *, path_width: int = PATH_W
     speed = rate.bytes_per_second if rate is not None else None
     speed_text = "-" if speed is None else f"{human_bytes(speed)}/s"
     eta = eta_seconds(transfer, rate)
-    eta_text = ("stalled" if speed == 0 else "-") if eta is None else human_duration(eta)
+    eta_text = ("stalled" if speed == 0 else "-") if eta is None else human_duration(math.ceil(eta))
     return f"{head}  {speed_text}  ETA {eta_text}  {path}"
 
 
