@@ -365,6 +365,7 @@ class SimServer:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(asyncio.current_task())
         requests: set[asyncio.Task] = set()
+        write_lock = asyncio.Lock()  # one reply at a time into the transport (see RemoteTransport.invoke)
         try:
             while True:
                 try:
@@ -374,7 +375,7 @@ class SimServer:
                     break
                 if message is None:
                     break
-                task = asyncio.create_task(self._handle(message, writer))
+                task = asyncio.create_task(self._handle(message, writer, write_lock))
                 requests.add(task)
                 task.add_done_callback(requests.discard)
         except (ConnectionError, OSError):
@@ -391,7 +392,8 @@ class SimServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _handle(self, message: dict, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, message: dict, writer: asyncio.StreamWriter,
+                      write_lock: asyncio.Lock | None = None) -> None:
         request_id = message.get("id")
         op = message.get("op")
         if op == "invoke":
@@ -400,9 +402,12 @@ class SimServer:
             reply = await self._control(op, message)
         if reply is not None and not writer.is_closing():
             reply["id"] = request_id
-            writer.write(encode_frame(reply))
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.drain()
+            async with write_lock or contextlib.nullcontext():
+                if writer.is_closing():
+                    return
+                writer.write(encode_frame(reply))
+                with contextlib.suppress(ConnectionError, OSError):
+                    await writer.drain()
 
     async def _in_worker(self, fn: Callable, *args: Any) -> Any:
         return await self._loop.run_in_executor(self._executor, fn, *args)
