@@ -5,7 +5,7 @@ import io
 import socket
 import threading
 
-from actors.admin.protocol import AdminCommandError, encode_frame, read_frame
+from actors.admin.protocol import COMMANDS, AdminCommandError, encode_frame, read_frame
 
 NOW = 1_700_000_000.0
 
@@ -51,6 +51,8 @@ class FakeDaemon:
             if self.on_shutdown:
                 self.on_shutdown()
             return "stopping"
+        if cmd in COMMANDS:  # a valid command this fake does not model
+            raise AdminCommandError(f"{cmd} is not modelled by FakeDaemon", code="not_found")
         raise AssertionError(f"dispatch got an unvalidated command {cmd!r}")
 
 
