@@ -21,6 +21,7 @@ from loguru import logger
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
 from actors.base import LoopActor
+from actors.faults import fault_point
 from actors.uploader_core import UploadStats, upload_document
 from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
 from storage.manifest import ManifestError, read_manifest
@@ -165,6 +166,7 @@ class StorageJournal:
 
     def record(self, index: int) -> None:
         self.storage.journal_chunk(self.transfer_id, self.part_index, index, self.account)
+        fault_point("mid_part_upload")
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -183,8 +185,10 @@ class UploaderActor(LoopActor):
     def __init__(self, storage: Any, accounts: Any, *, budget: Any = None, window: int = 8,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader"):
+                 max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader",
+                 metrics: Any = None):
         super().__init__()
+        self._metrics = metrics
         self.storage, self.budget, self.window = storage, budget, window
         self._accounts = accounts if callable(accounts) else accounts.__getitem__
         self._clock, self._sleep = clock, sleep
@@ -228,13 +232,18 @@ class UploaderActor(LoopActor):
                 for part in store.parts_without_message(tid):
                     plan = dataclasses.replace(manifest.parts[part.index], random_id=part.random_id)
                     stats: list[UploadStats] = []
+                    started = time.monotonic()
                     result = await upload_document(
                         port, plan, reader, window=self.window,
                         journal=StorageJournal(store, tid, part.index, msg.account),
                         budget=budget, clock=self._clock, sleep=self._sleep,
                         max_attempts=self._max_attempts, on_stats=stats.append)
+                    fault_point("after_send_before_record")
                     store.record_part_sent(tid, part.index, message_id=result.message_id,
                                            document_id=result.document_id, account=msg.account)
+                    fault_point("after_record")
+                    if self._metrics is not None:
+                        self._metrics.record_part(msg.account, part.length, time.monotonic() - started)
                     store.clear_journal(tid, part.index)
                     log.info("part {} sent as message {} ({})", part.index, result.message_id, stats[0])
                     sent.append(PartSent(part.index, result.message_id, result.document_id, stats[0]))
