@@ -10,7 +10,7 @@ import platform
 import threading
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 ACCOUNT_STATES = ("starting", "ready", "paused", "cooling_down", "error", "stopped")
 
@@ -52,6 +52,7 @@ class Metrics:
         self.actors_alive = Gauge(
             "stashd_actors_alive", "Actors currently running", registry=registry
         )
+        self.upload_bytes = self.upload_parts = self.transfers = self.upload_part_seconds = None
         self._states_lock = threading.Lock()
         self._states: dict[str, set[str]] = {}
 
@@ -74,6 +75,39 @@ class Metrics:
 
     def record_request(self, account: str, method: str, result: str) -> None:
         self.telegram_requests.labels(account=account, method=method, result=result).inc()
+
+    def add_upload_metrics(self) -> "Metrics":
+        """Register the upload pipeline's metrics (once; the daemon calls it when uploads run)."""
+        if self.upload_bytes is not None:
+            return self
+        registry = self.registry
+        self.upload_bytes = Counter(
+            "stashd_upload_bytes_total", "Bytes of documents uploaded (recorded parts)",
+            ["account"], registry=registry,
+        )
+        self.upload_parts = Counter(
+            "stashd_upload_parts_total", "Telegram documents (transfer parts) by result",
+            ["account", "result"], registry=registry,
+        )
+        self.transfers = Gauge(
+            "stashd_transfers", "Transfers in each state", ["state"], registry=registry,
+        )
+        self.upload_part_seconds = Histogram(
+            "stashd_upload_part_seconds", "Time to upload and send one document (transfer part)",
+            registry=registry,
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400, float("inf")),
+        )
+        return self
+
+    def record_part(self, account: str, nbytes: int, seconds: float | None, result: str = "ok") -> None:
+        """One document of a transfer finished (``result`` "ok") or failed."""
+        if self.upload_parts is None:
+            return
+        self.upload_parts.labels(account=account, result=result).inc()
+        if result == "ok":
+            self.upload_bytes.labels(account=account).inc(max(0, nbytes))
+            if seconds is not None:
+                self.upload_part_seconds.observe(max(0.0, seconds))
 
     def record_flood_wait(self, account: str, method: str, seconds: float) -> None:
         self.floodwait_seconds.labels(account=account, method=method).inc(max(0.0, seconds))
