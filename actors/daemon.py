@@ -1,8 +1,14 @@
 """The running daemon: storage, supervised actors, admin socket, metrics, signals.
 
 :class:`Daemon` is what ``stashd run`` and ``stashd demo`` drive. Start-up order:
-storage -> actors (one AccountActor per session, joined with a ping) -> admin
-socket -> metrics endpoint -> READY. Stop order is the reverse.
+storage -> actors (one AccountActor per session, joined with a ping; then, when
+``upload.roots`` is configured, the upload pipeline: BudgetActor, the
+UploaderActor pool, DispatcherActor, InboxActor) -> ticker -> admin socket ->
+metrics endpoint -> READY. Stop order is the reverse.
+
+Children are all under one SupervisorActor; everybody who talks to another
+child does it through :class:`_Relay` (or a lookup in ``Daemon._refs``), so a
+restarted child is found under its name, never through a stale ref.
 
 The main thread owns the daemon's life: signal handlers (and the admin
 ``shutdown`` command, and the supervisor giving up) only set a flag and write a
@@ -34,7 +40,10 @@ from actors.supervision import (
 )
 
 ACCOUNT_PREFIX = "account:"
+UPLOADER_PREFIX = "uploader:"
+BUDGET, DISPATCHER, INBOX = "budget", "dispatcher", "inbox"
 ASK_TIMEOUT = 10.0
+TICK_SECONDS = 0.5
 
 log = logger.bind(actor="daemon")
 
@@ -77,9 +86,40 @@ def discover_accounts(settings) -> list[AccountPlan]:
     return plans
 
 
-def _default_account_starter(name, session_path, settings, storage, metrics, clock):
+def _default_account_starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
     from actors.account import AccountActor
-    return AccountActor.start(name, session_path, settings, storage, metrics, clock)
+    return AccountActor.start(name, session_path, settings, storage, metrics, clock, listener=listener)
+
+
+def _takes_listener(fn: Callable[..., Any]) -> bool:
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "listener" in params  # not **kwargs: pykka's Actor.start passes those to __init__
+
+
+class _Relay:
+    """``tell`` to whatever actor currently runs under ``name`` (restarts included)."""
+
+    def __init__(self, refs: dict, name: str):
+        self._refs, self._name = refs, name
+
+    def tell(self, message: Any) -> None:
+        ref = self._refs.get(self._name)
+        if ref is None:
+            raise pykka.ActorDeadError(f"{self._name} is not running")
+        ref.tell(message)
+
+    def is_alive(self) -> bool:
+        ref = self._refs.get(self._name)
+        return ref is not None and ref.is_alive()
+
+
+def upload_enabled(settings) -> bool:
+    upload = getattr(settings, "upload", None)
+    return bool(upload is not None and upload.roots)
 
 
 # ------------------------------------------------------------------ waking the main thread
@@ -135,7 +175,8 @@ class Daemon:
                  account_starter: Callable[..., pykka.ActorRef] | None = None,
                  config_loader: Callable[[Path], Any] | None = None,
                  on_reload_logging: Callable[[Any], None] | None = None,
-                 sim_autostart: bool = False):
+                 sim_autostart: bool = False, upload_limit_bytes: int | None = None,
+                 tick_seconds: float = TICK_SECONDS):
         self.settings = settings
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier()
@@ -161,6 +202,13 @@ class Daemon:
         self._dump_requested = False
         self._old_handlers: dict[int, Any] = {}
         self._stopped = False
+        self._upload_limit_bytes = upload_limit_bytes
+        self._tick_seconds = tick_seconds
+        self._refs: dict[str, pykka.ActorRef] = {}
+        self._ticker_stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self.planner = None
+        self.node = None
 
     # -- start ---------------------------------------------------------------
 
@@ -188,14 +236,22 @@ class Daemon:
         self._accounts = {p.name: p for p in plans}
         self._paused = {p.name for p in plans if p.paused}
         sup = s.supervisor
+        from actors.transfers import TransferPlanner, node_id
+        self.node = node_id(s)
+        self.planner = TransferPlanner(self.storage, s, self.clock, limit_bytes=self._upload_limit_bytes,
+                                       node=self.node)
+        specs = [self._account_spec(p) for p in plans]
+        if upload_enabled(s):
+            specs += self._upload_specs()
         self.supervisor = SupervisorActor.start(
-            [self._account_spec(p) for p in plans], on_exit=self._supervisor_gave_up,
+            specs, on_exit=self._supervisor_gave_up,
             max_restarts=sup.max_restarts, restart_window_seconds=sup.restart_window_seconds,
             backoff_initial_seconds=sup.backoff_initial_seconds,
             backoff_max_seconds=sup.backoff_max_seconds,
             stop_timeout_seconds=sup.stop_timeout_seconds, metrics=self.metrics, clock=self.clock)
         self.notifier.status(f"starting {len(plans)} actors")
-        self.supervisor.ask(StartChildren(), timeout=ASK_TIMEOUT * (len(plans) + 1))
+        self.supervisor.ask(StartChildren(), timeout=ASK_TIMEOUT * (len(specs) + 1))
+        self._start_ticker()
         self._start_admin()
         self._start_metrics()
         self.state = "running"
@@ -216,6 +272,13 @@ class Daemon:
             metrics.build_info.info({"version": stashd_version()})
         except Exception:  # already set by Metrics itself
             pass
+        if upload_enabled(self.settings):
+            try:
+                from actors.budget import budget_metrics
+                metrics.add_upload_metrics()
+                self._budget_metrics = budget_metrics(metrics.registry)
+            except Exception as exc:  # already registered, or an older Metrics
+                log.warning("upload metrics not registered: {}", exc)
         return metrics
 
     def _start_admin(self) -> None:
@@ -223,7 +286,9 @@ class Daemon:
 
         path = Path(self.settings.admin.socket)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.admin = AdminServer(path, self.dispatch, max_frame_bytes=self.settings.admin.max_frame_bytes)
+        from actors.admin.protocol import COMMANDS
+        self.admin = AdminServer(path, self.dispatch, max_frame_bytes=self.settings.admin.max_frame_bytes,
+                                 commands=COMMANDS)
         self.admin.start()
 
     def _start_metrics(self) -> None:
@@ -237,14 +302,110 @@ class Daemon:
 
     def _account_spec(self, plan: AccountPlan) -> ChildSpec:
         def factory() -> pykka.ActorRef:
+            kw = {}
+            if _takes_listener(self._account_starter):  # events (FloodWaitHit) go to the dispatcher
+                kw["listener"] = _Relay(self._refs, DISPATCHER)
             ref = self._account_starter(plan.name, plan.session_path, self.settings, self.storage,
-                                        self.metrics, self.clock)
+                                        self.metrics, self.clock, **kw)
+            self._refs[ACCOUNT_PREFIX + plan.name] = ref
             if plan.name in self._paused:
                 _tell_account(ref, "Pause")
             return ref
 
         # Not critical: one broken session must not keep the others from running.
         return ChildSpec(ACCOUNT_PREFIX + plan.name, factory, critical=False)
+
+    # -- the upload pipeline ----------------------------------------------------------
+
+    def _registered(self, name: str, start: Callable[[], pykka.ActorRef]) -> Callable[[], pykka.ActorRef]:
+        def factory() -> pykka.ActorRef:
+            ref = start()
+            self._refs[name] = ref
+            return ref
+        return factory
+
+    def _upload_specs(self) -> list[ChildSpec]:
+        from actors.budget import BudgetActor
+        from actors.budget_core import Quota
+        from actors.dispatcher import DispatcherActor
+        from actors.uploader import UploaderActor
+
+        s, up = self.settings, self.settings.upload
+
+        def quota(name: str):
+            a = s.account(name)
+            q = Quota(a.hourly_files or None, a.hourly_bytes or None, a.daily_files or None,
+                      a.daily_bytes or None)
+            return None if q == Quota() else q
+
+        def budget() -> pykka.ActorRef:
+            quotas = {n: q for n in self._accounts if (q := quota(n)) is not None}
+            return BudgetActor.start(up.budget_bytes, up.global_slots, up.window, quotas,
+                                     metrics=getattr(self, "_budget_metrics", None), clock=self.clock)
+
+        def uploader(name: str) -> Callable[[], pykka.ActorRef]:
+            return lambda: UploaderActor.start(
+                self.storage, self._account_for_upload, budget=_Relay(self._refs, BUDGET),
+                window=up.window, name=name, metrics=self.metrics,
+                request_timeout=s.telegram.request_timeout_seconds * 2)
+
+        def dispatcher() -> pykka.ActorRef:
+            return DispatcherActor.start(
+                self.storage, accounts=self._account_refs, uploaders=self._uploader_refs,
+                budget=_Relay(self._refs, BUDGET), node=self.node, metrics=self.metrics,
+                clock=self.clock)
+
+        specs = [ChildSpec(BUDGET, self._registered(BUDGET, budget), critical=True)]
+        for i in range(1, up.uploaders + 1):
+            name = f"{UPLOADER_PREFIX}{i}"
+            specs.append(ChildSpec(name, self._registered(name, uploader(name)), critical=False))
+        specs.append(ChildSpec(DISPATCHER, self._registered(DISPATCHER, dispatcher), critical=True))
+        if up.inbox_dir is not None:
+            from actors.inbox import InboxActor, InboxScanner
+            scanner = InboxScanner(self.planner, self.storage, up.inbox_dir)
+            specs.append(ChildSpec(INBOX, self._registered(INBOX, lambda: InboxActor.start(scanner)),
+                                   critical=False))
+        return specs
+
+    def _account_for_upload(self, name: str) -> pykka.ActorRef:
+        ref = self._refs.get(ACCOUNT_PREFIX + name) if name in self._accounts else None
+        if ref is None or not ref.is_alive():
+            raise LookupError(f"account {name} is not running")
+        return ref
+
+    def _account_refs(self) -> dict[str, pykka.ActorRef | None]:
+        return {name: self._refs.get(ACCOUNT_PREFIX + name) for name in list(self._accounts)}
+
+    def _uploader_refs(self) -> dict[str, pykka.ActorRef | None]:
+        return {name: ref for name, ref in list(self._refs.items()) if name.startswith(UPLOADER_PREFIX)}
+
+    def _start_ticker(self) -> None:
+        if not upload_enabled(self.settings) or not self._tick_seconds:
+            return
+        from actors import budget_messages, dispatcher, inbox
+
+        ticks = ((BUDGET, budget_messages.Tick()), (DISPATCHER, dispatcher.Tick()), (INBOX, inbox.Tick()))
+
+        def loop() -> None:
+            while not self._ticker_stop.wait(self._tick_seconds):
+                self.tick(ticks)
+
+        self._ticker = threading.Thread(target=loop, name="daemon-tick", daemon=True)
+        self._ticker.start()
+
+    def tick(self, ticks=None) -> None:
+        """Tell the budget, the dispatcher and the inbox to do their time-driven work."""
+        if ticks is None:
+            from actors import budget_messages, dispatcher, inbox
+            ticks = ((BUDGET, budget_messages.Tick()), (DISPATCHER, dispatcher.Tick()),
+                     (INBOX, inbox.Tick()))
+        for name, message in ticks:
+            ref = self._refs.get(name)
+            if ref is not None:
+                try:
+                    ref.tell(message)
+                except pykka.ActorDeadError:
+                    pass
 
     # -- signals / requests ------------------------------------------------------
 
@@ -324,6 +485,9 @@ class Daemon:
         log.info("stopping")
         if self.admin is not None:
             _quietly(self.admin.stop, "admin socket")
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join(5)
         if self.supervisor is not None and self.supervisor.is_alive():
             timeout = self.settings.supervisor.stop_timeout_seconds * (len(self._accounts) + 1) + 5
             _quietly(lambda: self.supervisor.ask(StopChildren("shutdown"), timeout=timeout), "actors")
@@ -475,7 +639,76 @@ class Daemon:
             log.info("shutdown requested over the admin socket")
             self.request_stop()
             return {"stopping": True}
+        if cmd in ("upload", "transfers", "transfer", "budget"):
+            return getattr(self, f"_cmd_{cmd}")(args)
         raise AdminCommandError(f"unknown command {cmd!r}")
+
+    # -- upload commands -------------------------------------------------------------
+
+    def transfer_view(self, t, *, with_parts: bool = False) -> dict:
+        from actors.transfers import part_dict, transfer_dict
+
+        parts = self.storage.list_parts(t.id)
+
+        def journaled(index: int) -> int:
+            if not t.account:
+                return 0
+            return len(self.storage.journaled_chunks(t.id, index, account=t.account))
+
+        view = transfer_dict(t, parts, journaled if t.state == "uploading" else None)
+        if with_parts:
+            view["parts"] = [part_dict(p) for p in parts]
+        return view
+
+    def _cmd_upload(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+        from actors.transfers import PathRefusedError
+
+        paths = args.get("paths")
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, str) for p in paths):
+            raise AdminCommandError("upload: paths must be a non-empty list of strings", code="bad_request")
+        try:
+            records = self.planner.plan(paths, dest=args.get("dest"), caption=args.get("caption"),
+                                        delete_original=args.get("delete_original"))
+        except PathRefusedError as exc:
+            raise AdminCommandError(str(exc), code="path_refused") from exc
+        except ValueError as exc:
+            raise AdminCommandError(f"upload: {exc}", code="bad_request") from exc
+        self.tick()  # start at once instead of on the next tick
+        return {"transfers": [self.transfer_view(t) for t in records]}
+
+    def _cmd_transfers(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+
+        state, limit = args.get("state"), args.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise AdminCommandError("transfers: limit must be a positive integer", code="bad_request")
+        try:
+            records = self.storage.list_transfers(state, limit=limit or 100)
+        except ValueError as exc:
+            raise AdminCommandError(f"transfers: {exc}", code="bad_request") from exc
+        return {"transfers": [self.transfer_view(t) for t in records]}
+
+    def _cmd_transfer(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+
+        tid = args.get("id")
+        t = self.storage.get_transfer(tid) if isinstance(tid, str) and tid else None
+        if t is None:
+            raise AdminCommandError(f"no transfer {tid!r}", code="not_found")
+        return self.transfer_view(t, with_parts=True)
+
+    def _cmd_budget(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+        from actors.budget_messages import GetBudgetSnapshot
+
+        ref = self._refs.get(BUDGET)
+        if ref is None or not ref.is_alive():
+            raise AdminCommandError("the budget is not running (no upload.roots configured?)",
+                                    code="not_running")
+        return ref.ask(GetBudgetSnapshot(), timeout=ASK_TIMEOUT).to_dict()
 
     def status(self) -> dict:
         actors = []
@@ -494,7 +727,14 @@ class Daemon:
         return {"version": stashd_version(), "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self.started_at, 3), "state": state,
                 "accounts": [self.account_info(n) for n in self.account_names()],
-                "actors": actors}
+                "actors": actors, "transfers": self._transfers_by_state()}
+
+    def _transfers_by_state(self) -> dict:
+        try:
+            return self.storage.transfers_by_state() if self.storage is not None else {}
+        except Exception as exc:
+            log.warning("counting transfers failed: {}", exc)
+            return {}
 
 
 def _load_config(path: Path):
