@@ -1,0 +1,130 @@
+"""The daemon in-process with real AccountActors on the in-process simulated Telegram:
+``upload`` over the admin socket -> planned, split, uploaded, recorded; the same content again
+is completed by reference; refusals queue nothing."""
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+
+import pytest
+
+from actors.account import AccountActor
+from actors.admin.client import call as admin_call
+from actors.admin.protocol import AdminCommandError
+from actors.daemon import Daemon
+from actors.telegram.client import build_client
+from actors.telegram.sim.local import LocalTransport
+from actors.telegram.sim.world import SimWorld, write_session_file
+from config import settings_from_dict
+from storage.transfers import TransferStore
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def uploaded(monkeypatch):
+    """A queue of transfer ids, put the moment storage marks one uploaded (no polling)."""
+    done: queue.Queue = queue.Queue()
+    original = TransferStore.mark_transfer_uploaded
+
+    def mark(self, transfer_id, **kw):
+        record = original(self, transfer_id, **kw)
+        done.put(transfer_id)
+        return record
+
+    monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
+    return done
+
+
+@pytest.fixture
+def env(tmp_path):
+    world = SimWorld(tmp_path / "sim")
+    users = {n: world.create_user(n.title(), username=n) for n in ("alice", "bob")}
+    channel = world.create_channel("Stash", username="stash_archive",
+                                   admins=[u.user_id for u in users.values()])
+    for name, user in users.items():
+        write_session_file(tmp_path / "sessions" / f"{name}.session", user.auth_key)
+    root = tmp_path / "files"
+    root.mkdir()
+    settings = settings_from_dict({
+        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
+        "telegram": {"mode": "simulated"},
+        "metrics": {"enabled": False},
+        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
+                       "stop_timeout_seconds": 5},
+        "upload": {"roots": [str(root)], "destination": "stash_archive", "uploaders": 2, "window": 4},
+    }, base_dir=tmp_path, env={})
+
+    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
+        factory = lambda: build_client(settings, session_path,  # noqa: E731
+                                       transport_factory=lambda: LocalTransport(world))
+        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
+                                  listener=listener, client_factory=factory)
+
+    # 1 MiB split limit: a 2.5 MiB file is "over the account limit" without uploading GBs
+    daemon = Daemon(settings, account_starter=starter, upload_limit_bytes=MIB, tick_seconds=0.05)
+    daemon.start()
+    yield daemon, world, channel, root, settings.admin.socket
+    daemon.stop()
+    world.close()
+
+
+def documents(world, channel):
+    return [m for m in world.inspect()["messages"]
+            if m["channel_id"] == channel and m["document"] and not m["deleted"]]
+
+
+def test_upload_splits_uploads_records_and_dedups(env, uploaded):
+    daemon, world, channel, root, sock = env
+    data = os.urandom(2 * MIB + MIB // 2 + 123)
+    (root / "big.bin").write_bytes(data)
+    reply = admin_call(sock, "upload", {"paths": [str(root / "big.bin")], "dest": None,
+                                        "caption": "nightly", "delete_original": None})
+    [t] = reply["transfers"]
+    assert set(t) == {"id", "state", "source_path", "size", "destination", "account", "parts_total",
+                      "parts_sent", "bytes_done", "duplicate_of", "reason", "created_at", "updated_at"}
+    assert (t["state"], t["size"], t["parts_total"], t["destination"]) == ("planned", len(data), 3,
+                                                                          "stash_archive")
+    assert uploaded.get(timeout=60) == t["id"]
+
+    detail = admin_call(sock, "transfer", {"id": t["id"]})
+    assert detail["state"] == "uploaded" and detail["parts_sent"] == 3 and detail["bytes_done"] == len(data)
+    parts = detail["parts"]
+    assert [p["file_name"] for p in parts] == ["big.bin.001", "big.bin.002", "big.bin.003"]
+    assert all(p["message_id"] and p["account"] in ("alice", "bob") for p in parts)
+    assert len({p["account"] for p in parts}) == 1          # one transfer, one account
+    # the destination holds each part exactly once, and together they are the file
+    docs = documents(world, channel)
+    assert sorted(d["document"]["file_name"] for d in docs) == ["big.bin.001", "big.bin.002", "big.bin.003"]
+    joined = b"".join(world.document_bytes(channel, p["message_id"]) for p in parts)
+    assert hashlib.sha256(joined).digest() == hashlib.sha256(data).digest()
+
+    # the same content again: completed by reference, nothing uploaded
+    (root / "copy.bin").write_bytes(data)
+    [again] = admin_call(sock, "upload", {"paths": [str(root / "copy.bin")]})["transfers"]
+    assert again["state"] == "uploaded" and again["duplicate_of"] == t["id"]
+    assert len(documents(world, channel)) == 3
+
+    listed = admin_call(sock, "transfers", {"state": "uploaded", "limit": 10})["transfers"]
+    assert [x["id"] for x in listed] == [t["id"], again["id"]]
+    status = admin_call(sock, "status")
+    assert status["transfers"]["uploaded"] == 2 and status["transfers"]["planned"] == 0
+    budget = admin_call(sock, "budget")
+    assert budget["limit_bytes"] == daemon.settings.upload.budget_bytes and budget["reserved_bytes"] == 0
+
+
+def test_refused_paths_queue_nothing_and_unknown_transfer(env, tmp_path):
+    daemon, world, channel, root, sock = env
+    (root / "ok.bin").write_bytes(b"ok")
+    (tmp_path / "outside.bin").write_bytes(b"no")
+    (root / "link.bin").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(AdminCommandError) as err:
+        admin_call(sock, "upload", {"paths": [str(root / "ok.bin"), str(root / "link.bin"),
+                                              str(root / "nope.bin")]})
+    assert err.value.code == "path_refused"
+    assert str(root / "link.bin") in err.value.message and str(root / "nope.bin") in err.value.message
+    assert admin_call(sock, "transfers", {})["transfers"] == []
+    with pytest.raises(AdminCommandError) as err:
+        admin_call(sock, "transfer", {"id": "no-such-id"})
+    assert err.value.code == "not_found"
