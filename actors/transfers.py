@@ -17,7 +17,8 @@ content is claimed:
 
 Split size: ``limit_bytes`` given to :meth:`plan` or to the planner wins;
 otherwise the smallest upload limit among the ready accounts (so any account
-can take every part), minus ``telegram.upload_limit_margin_bytes``.
+can take every part; AccountActor already took ``telegram.upload_limit_margin_bytes``
+off), or a regular account's 2000 MiB minus that margin when no account is ready.
 
 Claim owners are per transfer and per node (:func:`claim_owner`), so a
 restarted daemon on the same state dir re-takes its own claims while another
@@ -94,9 +95,10 @@ class TransferPlanner:
             return self.limit_bytes
         limits = [a.upload_limit_bytes for a in self.storage.list_accounts()
                   if a.state in UPLOAD_STATES and a.upload_limit_bytes]
-        limit = min(limits) if limits else DEFAULT_LIMIT_BYTES
+        if limits:  # the accounts' limits have the margin taken off already
+            return max(UPLOAD_CHUNK_SIZE, min(limits))
         margin = int(getattr(self.settings.telegram, "upload_limit_margin_bytes", 0) or 0)
-        return max(UPLOAD_CHUNK_SIZE, limit - margin)
+        return max(UPLOAD_CHUNK_SIZE, DEFAULT_LIMIT_BYTES - margin)
 
     # -- paths ----------------------------------------------------------------------
     def roots(self) -> list[Path]:

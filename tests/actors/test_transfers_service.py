@@ -126,12 +126,15 @@ def test_destination_is_required(env):
     assert planner(settings, storage).plan([str(root / "f.bin")], dest="other")[0].destination == "other"
 
 
-def test_default_limit_is_the_smallest_ready_account_minus_margin(env):
+def test_default_limit_is_the_smallest_ready_account_limit(env):
     settings, storage, _ = env
     storage.upsert_account("alice", upload_limit_bytes=2000 * MIB, state="ready")
     storage.upsert_account("bob", upload_limit_bytes=4000 * MIB, state="ready")
     storage.upsert_account("carol", upload_limit_bytes=100 * MIB, state="paused")
     p = TransferPlanner(storage, settings, node="n")
+    assert p.default_limit() == 2000 * MIB      # account limits carry the margin already
+    storage.set_account_state("alice", "error")
+    storage.set_account_state("bob", "error")
     assert p.default_limit() == 2000 * MIB - settings.telegram.upload_limit_margin_bytes
 
 
