@@ -148,3 +148,24 @@ def test_fault_points_parse_and_count_hits():
     assert not faults.should_fire("mid_part_upload", env)
     assert not faults.should_fire("after_record", {})
     faults.reset_hits()
+
+
+def test_inbox_plans_only_settled_files_once(env):
+    from actors.inbox import InboxScanner
+
+    settings, storage, root = env
+    inbox = root / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    f = inbox / "sub" / "a.bin"
+    f.write_bytes(b"a" * 100)
+    scanner = InboxScanner(planner(settings, storage), storage, inbox)
+    assert scanner.scan() == []                      # first sight: not settled yet
+    with open(f, "ab") as fh:                        # still being written
+        fh.write(b"more")
+    assert scanner.scan() == []
+    [t] = scanner.scan()                             # unchanged since the last scan
+    assert t.source_path == str(f) and t.size == 104
+    assert scanner.scan() == []
+    fresh = InboxScanner(planner(settings, storage), storage, inbox)   # after a restart
+    fresh.scan()
+    assert fresh.scan() == [] and len(storage.list_transfers()) == 1
