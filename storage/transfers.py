@@ -299,6 +299,14 @@ class TransferStore:
             raise StorageError(f"transfer {transfer_id!r} has no part {index}")
         return t, p
 
+    def _part_counts(self, ids: list[str]) -> dict[str, int]:
+        """transfer id -> number of parts, in one query (no N+1)."""
+        if not ids:
+            return {}
+        Part = self.entities.TransferPart
+        return {tid: int(n) for tid, n in
+                select((p.transfer.id, count(p)) for p in Part if p.transfer.id in ids)}
+
     # -- transfers --------------------------------------------------------------
 
     def create_transfer(
@@ -365,7 +373,8 @@ class TransferStore:
             if state is not None:
                 q = q.filter(lambda t: t.state == state)
             rows = list(q.order_by(Transfer.created_at, Transfer.id).limit(int(limit)))
-            return [_transfer_record(t) for t in rows]
+            counts = self._part_counts([t.id for t in rows])
+            return [_transfer_record(t, counts.get(t.id, 0)) for t in rows]
 
         return self._run(tx, write=False, what="list transfers")
 
@@ -731,8 +740,9 @@ class TransferStore:
                         ids.append(tid)
             if not ids:
                 return []
-            rows = Transfer.select(lambda t: t.id in ids and t.lease_owner == owner)
-            by_id = {t.id: _transfer_record(t) for t in rows}
+            rows = list(Transfer.select(lambda t: t.id in ids and t.lease_owner == owner))
+            counts = self._part_counts([t.id for t in rows])
+            by_id = {t.id: _transfer_record(t, counts.get(t.id, 0)) for t in rows}
             return sorted(by_id.values(), key=lambda r: (r.next_check_at, r.id))
 
         return self._run(tx, write=True, what="claim due transfers")
