@@ -3,7 +3,6 @@ the transfer reaches 'uploaded' and the destination holds each part exactly once
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from actors.admin.client import call as admin_call
 from actors.telegram.sim.remote import SimControl
 from tests.supervisor.test_process import all_ready, env, stashd, stop, wait_for
+from tests.supervisor.test_process import write_config as process_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,33 +19,15 @@ MIB = 1024 * 1024
 
 
 def write_config(state: Path, sim, root: Path) -> Path:
-    server, seeded = sim
-    sessions = state / "sessions"
-    sessions.mkdir(parents=True)
-    for f in seeded.glob("*.session"):
-        shutil.copy2(f, sessions / f.name)
-    config = state / "stashd.toml"
     # the margin leaves regular accounts a 1 MiB limit, so a 2.5 MiB file is split in 3
-    config.write_text(f"""
-[daemon]
-state_dir = "{state}"
-log_file = "stashd.log"
-[telegram]
-mode = "simulated"
-sim_socket = "{server.socket_path}"
-upload_limit_margin_bytes = {2000 * MIB - MIB}
-[metrics]
-enabled = false
-[supervisor]
-backoff_initial_seconds = 0.05
-backoff_max_seconds = 0.2
-stop_timeout_seconds = 5
-[upload]
+    return process_config(
+        state, sim,
+        telegram=f"upload_limit_margin_bytes = {2000 * MIB - MIB}",
+        extra=f"""[upload]
 roots = ["{root}"]
 destination = "stash_archive"
 uploaders = 2
 """)
-    return config
 
 
 @pytest.mark.parametrize("fault", ["after_send_before_record", "after_record", "mid_part_upload@3"])

@@ -68,7 +68,10 @@ def stashd(*args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def write_config(state: Path, sim, *, supervisor: str = "") -> Path:
+def write_config(state: Path, sim, *, supervisor: str = "", telegram: str = "",
+                 extra: str = "") -> Path:
+    """A config for a daemon on the test's sim; the strings add TOML lines to
+    [supervisor] and [telegram], and ``extra`` whole sections at the end."""
     server, seeded = sim
     sessions = state / "sessions"
     sessions.mkdir(parents=True)
@@ -82,6 +85,7 @@ log_file = "stashd.log"
 [telegram]
 mode = "simulated"
 sim_socket = "{server.socket_path}"
+{telegram}
 [metrics]
 enabled = false
 [supervisor]
@@ -89,6 +93,7 @@ backoff_initial_seconds = 0.05
 backoff_max_seconds = 0.2
 stop_timeout_seconds = 5
 {supervisor}
+{extra}
 """)
     return config
 
