@@ -37,6 +37,8 @@ from config.schema import (
     TelegramSettings,
     TableList,
     UploadSettings,
+    VerifySettings,
+    IngestSettings,
     FieldError,
     section_of,
     unknown_key,
@@ -223,6 +225,13 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
     if window > slots:
         errors.append(f"upload.window: must not exceed upload.global_slots ({window} > {slots})")
 
+    verify = _valid(raw.get("verify", {}))
+    v_initial = verify.get("backoff_initial_seconds", VerifySettings.backoff_initial_seconds)
+    v_maximum = verify.get("backoff_max_seconds", VerifySettings.backoff_max_seconds)
+    if v_initial > v_maximum:
+        errors.append(f"verify.backoff_initial_seconds: must not exceed "
+                      f"verify.backoff_max_seconds ({v_initial} > {v_maximum})")
+
     accounts = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(raw.get("accounts", [])):
@@ -237,6 +246,9 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
         seen[name] = index
         accounts.append(entry)
 
+    ingest = _ingest(raw.get("ingest", {}), state_dir, daemon["sessions_dir"], accounts,
+                     upload.get("destination", UploadSettings.destination), errors)
+
     if errors:
         return None
     return Settings(
@@ -248,7 +260,56 @@ def _build(raw: dict[str, Any], base_dir: Path, errors: list[str]) -> Settings |
         supervisor=SupervisorSettings(**supervisor),
         accounts=tuple(AccountSettings(**entry) for entry in accounts),
         upload=UploadSettings(**upload),
+        verify=VerifySettings(**verify),
+        ingest=ingest,
     )
+
+
+def _ingest(raw: Mapping[str, Any], state_dir: Path, sessions_dir: Path, accounts: list[dict],
+            default_destination: str, errors: list[str]) -> IngestSettings:
+    """``[ingest]`` with staging_dir resolved and every mapping checked: its account
+    must be known (an ``[[accounts]]`` entry or a session file), not disabled; it
+    needs a destination (its own or upload.destination); no mapping twice."""
+    import dataclasses
+
+    mappings_given = raw.get("mappings", ())
+    ingest = _valid(raw)
+    ingest["staging_dir"] = _resolve(ingest.get("staging_dir", Path("staging")), state_dir)
+    listed = {entry["session"]: entry for entry in accounts}
+    try:
+        on_disk = {p.name[: -len(".session")] for p in sessions_dir.glob("*.session")}
+    except OSError:
+        on_disk = set()
+    known = set(listed) | on_disk
+    mappings, seen = [], {}
+    for index, m in enumerate(mappings_given if mappings_given is not INVALID else ()):
+        if m is INVALID:  # reported already
+            continue
+        where = f"ingest.mappings[{index}]"
+        if m.account not in known:
+            hint = f" (did you mean {match!r}?)" if (match := _close(m.account, known)) else ""
+            errors.append(f"{where}.account: unknown account {m.account!r}{hint}: not in "
+                          f"[[accounts]] and no {m.account}.session in {sessions_dir}")
+        elif listed.get(m.account, {}).get("enabled", True) is False:
+            errors.append(f"{where}.account: account {m.account!r} is disabled in [[accounts]]")
+        destination = m.destination or default_destination
+        if not destination:
+            errors.append(f"{where}.destination: no destination (set it here or upload.destination)")
+        key = (m.account, m.channel, frozenset(m.topics))
+        if key in seen:
+            errors.append(f"{where}: duplicate of ingest.mappings[{seen[key]}] "
+                          f"(account {m.account!r}, channel {m.channel!r})")
+            continue
+        seen[key] = index
+        mappings.append(dataclasses.replace(m, destination=destination))
+    ingest["mappings"] = tuple(mappings)
+    return IngestSettings(**ingest)
+
+
+def _close(word: str, candidates: set[str]) -> str | None:
+    import difflib
+    match = difflib.get_close_matches(word, sorted(candidates), n=1)
+    return match[0] if match else None
 
 
 # --------------------------------------------------------------------------

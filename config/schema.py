@@ -108,6 +108,47 @@ class UploadSettings:
 
 
 @dataclass(frozen=True)
+class IngestMapping:
+    """One ``[[ingest.mappings]]`` entry: what ``account`` reads and where it goes."""
+
+    account: str  # session name
+    channel: str  # source channel: username or -100... id
+    topics: tuple[int | str, ...] = ()  # forum topic ids or titles; () = the whole channel
+    destination: str = ""  # set by the loader to upload.destination when not given
+    creator: str | None = None  # recorded on every package ingested through this mapping
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    enabled: bool = True
+    staging_dir: Path | None = None  # always set by the loader (state_dir/staging)
+    scan_interval_seconds: float = 900.0
+    scan_jitter_seconds: float = 60.0
+    download_window: int = 8  # parallel 1 MiB download requests per account
+    max_archive_bytes: int = 8 * 1024 ** 3  # a larger archive set is skipped (too_large)
+    mappings: tuple[IngestMapping, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """``[verify]``: the VerifierActor's schedule, leases, backoff and cleanup (issue 4)."""
+
+    enabled: bool = True  # run the verifier whenever the upload pipeline runs
+    first_check_delay_seconds: float = 60.0  # uploaded -> first check
+    interval_seconds: float = 300.0  # re-check while uploaded/verifying
+    verified_interval_seconds: float = 7 * 86400.0  # slow cycle for verified/cleaned
+    lease_seconds: float = 300.0  # how long a claimed check is ours
+    batch_size: int = 100  # message ids per GetMessages call (Telegram's cap)
+    max_attempts: int = 5  # re-uploads before a transfer is failed
+    backoff_initial_seconds: float = 30.0  # wait before a 2nd re-upload / after a check error
+    backoff_max_seconds: float = 3600.0
+    cleanup_grace_seconds: float = 86400.0  # newest message this old (and verified) before cleanup
+    deep_check: bool = False  # also download sampled 1 MiB blocks and compare their hashes
+    deep_check_samples: int = 2  # blocks sampled per document
+
+
+@dataclass(frozen=True)
 class AccountSettings:
     session: str
     enabled: bool = True
@@ -128,6 +169,8 @@ class Settings:
     supervisor: SupervisorSettings
     accounts: tuple[AccountSettings, ...] = ()
     upload: UploadSettings = UploadSettings()
+    verify: VerifySettings = VerifySettings()
+    ingest: IngestSettings = IngestSettings()
 
     def account(self, session: str) -> AccountSettings:
         """The ``[[accounts]]`` entry for ``session``, or the defaults when unlisted."""
@@ -439,6 +482,109 @@ class SessionName(String):
         return name
 
 
+class ChannelRef(Field):
+    """A channel: a username (``@`` optional) or a marked ``-100...`` id (an
+    integer or a string of digits); kept as a string."""
+
+    expected = "a channel username or -100... id"
+
+    def parse(self, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.type_error(value)
+        text = str(value).strip().lstrip("@")
+        if not text:
+            raise FieldError("must not be empty")
+        if text.lstrip("-").isdigit():
+            if not text.startswith("-100") or len(text) <= 4:
+                raise FieldError(f"a channel id is marked -100..., got {quote(value)}")
+            return text
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{3,31}", text):
+            raise FieldError(f"not a channel username or -100... id: {quote(value)}")
+        return text
+
+
+class TopicList(Field):
+    """Forum topics: an array of topic ids (integers) or titles (strings)."""
+
+    expected = "an array of topic ids or titles"
+
+    def parse(self, value: Any) -> tuple[int | str, ...]:
+        if not isinstance(value, list):
+            raise self.type_error(value)
+        out: list[int | str] = []
+        for index, entry in enumerate(value):
+            if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+                raise FieldError(f"[{index}]: expected a topic id or title, got {quote(entry)}")
+            if isinstance(entry, int) and entry < 1:
+                raise FieldError(f"[{index}]: a topic id is >= 1, got {entry}")
+            if isinstance(entry, str) and not entry.strip():
+                raise FieldError(f"[{index}]: a topic title must not be empty")
+            if entry in out:
+                raise FieldError(f"[{index}]: topic {quote(entry)} is listed twice")
+            out.append(entry)
+        return tuple(out)
+
+    def literal(self, value: Any) -> str:
+        return "[" + ", ".join(str(t) if isinstance(t, int) else toml_string(t) for t in value) + "]"
+
+
+class StringList(Field):
+    expected = "an array of strings"
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.type_error(value)
+        return tuple(value)
+
+    def literal(self, value: Any) -> str:
+        return "[" + ", ".join(toml_string(v) for v in value) + "]"
+
+
+class NestedTablesError(FieldError):
+    """Several problems inside an array of tables; ``errors`` are ``"[i].key: msg"``.
+
+    ``partial`` is every entry, ``INVALID`` where it failed, so checks across
+    entries (duplicates, unknown names) still run on the good ones."""
+
+    def __init__(self, errors: list[str], partial: tuple = ()):
+        self.errors = list(errors)
+        self.partial = partial
+        super().__init__("; ".join(self.errors))
+
+
+class TableArray(Field):
+    """An array of tables inside a section (``[[ingest.mappings]]``), each
+    checked against ``section`` and turned into its dataclass; every problem
+    is reported (see :class:`NestedTablesError`)."""
+
+    expected = "an array of tables"
+
+    def __init__(self, section: "Section", **kw: Any):
+        super().__init__(**kw)
+        self.section = section
+
+    def parse(self, value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise self.type_error(value)
+        errors: list[str] = []
+        entries = []
+        for index, item in enumerate(value):
+            values = self.section.parse(item, f"[{index}]", errors)
+            ok = isinstance(item, Mapping) and all(v is not INVALID for v in values.values())
+            entries.append(self.section.cls(**values) if ok else INVALID)
+        if errors:
+            raise NestedTablesError(errors, tuple(entries))
+        return tuple(entries)
+
+    def literal(self, value: Any) -> str:
+        rows = []
+        for entry in value:
+            items = [f"{key} = {spec.show(getattr(entry, key))}"
+                     for key, spec in self.section.fields.items() if getattr(entry, key) is not None]
+            rows.append("{" + ", ".join(items) + "}")
+        return "[" + ", ".join(rows) + "]"
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     match = difflib.get_close_matches(word, list(candidates), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
@@ -480,8 +626,12 @@ class Section:
             try:
                 values[key] = spec.parse(value)
             except FieldError as exc:
-                errors.append(f"{_join(path, key)}: {exc}")
-                values[key] = INVALID
+                nested = getattr(exc, "errors", None)  # a list of tables: one error per problem
+                if nested:
+                    errors.extend(f"{_join(path, key)}{e}" for e in nested)
+                else:
+                    errors.append(f"{_join(path, key)}: {exc}")
+                values[key] = getattr(exc, "partial", INVALID)
         for key, spec in self.fields.items():
             if spec.required and key not in values:
                 errors.append(f"{_join(path, key)}: required")
@@ -565,6 +715,36 @@ SCHEMA: dict[str, Section | TableList] = {
         "budget_bytes": Integer(minimum=512 * 1024),
         "global_slots": Integer(minimum=1),
         "delete_original": Boolean(),
+    }),
+    "ingest": Section(IngestSettings, {
+        "enabled": Boolean(),
+        "staging_dir": PathValue(),
+        "scan_interval_seconds": Float(minimum=0, exclusive_minimum=True),
+        "scan_jitter_seconds": Float(minimum=0),
+        "download_window": Integer(minimum=1, maximum=64),
+        "max_archive_bytes": Integer(minimum=1),
+        "mappings": TableArray(Section(IngestMapping, {
+            "account": SessionName(required=True),
+            "channel": ChannelRef(required=True),
+            "topics": TopicList(),
+            "destination": ChannelRef(),
+            "creator": String(),
+            "tags": StringList(),
+        })),
+    }),
+    "verify": Section(VerifySettings, {
+        "enabled": Boolean(),
+        "first_check_delay_seconds": Float(minimum=0),
+        "interval_seconds": Float(minimum=0, exclusive_minimum=True),
+        "verified_interval_seconds": Float(minimum=0, exclusive_minimum=True),
+        "lease_seconds": Float(minimum=0, exclusive_minimum=True),
+        "batch_size": Integer(minimum=1, maximum=100),
+        "max_attempts": Integer(minimum=1),
+        "backoff_initial_seconds": Float(minimum=0),
+        "backoff_max_seconds": Float(minimum=0),
+        "cleanup_grace_seconds": Float(minimum=0),
+        "deep_check": Boolean(),
+        "deep_check_samples": Integer(minimum=1, maximum=64),
     }),
     "accounts": TableList(Section(AccountSettings, {
         "session": SessionName(required=True),
