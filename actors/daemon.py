@@ -43,6 +43,11 @@ ACCOUNT_PREFIX = "account:"
 UPLOADER_PREFIX = "uploader:"
 BUDGET, DISPATCHER, INBOX = "budget", "dispatcher", "inbox"
 ASK_TIMEOUT = 10.0
+VERIFIER = "verifier"
+VERIFY_STATES = ("uploaded", "verifying", "verified")
+"""What ``stashctl verify`` can make due (the verifier's claim states)."""
+VERIFY_ALL_LIMIT = 1_000_000
+VERIFY_SHOWN = 100
 TICK_SECONDS = 0.5
 
 log = logger.bind(actor="daemon")
@@ -119,7 +124,14 @@ class _Relay:
 
 def upload_enabled(settings) -> bool:
     upload = getattr(settings, "upload", None)
-    return bool(upload is not None and upload.roots)
+    return bool(upload is not None and upload.roots) or ingest_enabled(settings)
+
+
+def ingest_enabled(settings) -> bool:
+    """``[ingest]`` is on and maps at least one source (ingested archives go
+    through the upload pipeline, so that runs too)."""
+    ingest = getattr(settings, "ingest", None)
+    return bool(ingest is not None and ingest.enabled and ingest.mappings)
 
 
 # ------------------------------------------------------------------ waking the main thread
@@ -639,7 +651,7 @@ class Daemon:
             log.info("shutdown requested over the admin socket")
             self.request_stop()
             return {"stopping": True}
-        if cmd in ("upload", "transfers", "transfer", "budget"):
+        if cmd in ("upload", "transfers", "transfer", "budget", "verify", "retry"):
             return getattr(self, f"_cmd_{cmd}")(args)
         raise AdminCommandError(f"unknown command {cmd!r}")
 
@@ -658,6 +670,7 @@ class Daemon:
         view = transfer_dict(t, parts, journaled if t.state == "uploading" else None)
         if with_parts:
             view["parts"] = [part_dict(p) for p in parts]
+            _add_verification(view, t, parts)
         return view
 
     def _cmd_upload(self, args: dict) -> dict:
@@ -700,6 +713,103 @@ class Daemon:
             raise AdminCommandError(f"no transfer {tid!r}", code="not_found")
         return self.transfer_view(t, with_parts=True)
 
+    # -- verification commands (issue 4) -------------------------------------------------
+
+    def _transfer_arg(self, cmd: str, args: dict, *, required: bool):
+        from actors.admin.server import AdminCommandError
+
+        tid = args.get("id")
+        if tid is None and not required:
+            return None
+        if not isinstance(tid, str) or not tid:
+            raise AdminCommandError(f"{cmd}: id must be a transfer id", code="bad_request")
+        t = self.storage.get_transfer(tid)
+        if t is None:
+            raise AdminCommandError(f"no transfer {tid!r}", code="not_found")
+        return t
+
+    def _cmd_verify(self, args: dict) -> dict:
+        """Check now: one transfer, every due one (no id), or every checkable one (``all``)."""
+        from actors.admin.server import AdminCommandError
+
+        t = self._transfer_arg("verify", args, required=False)
+        ref = self._refs.get(VERIFIER)
+        if ref is None or not ref.is_alive():
+            raise AdminCommandError("the verifier is not running (no upload.roots configured, or it is "
+                                    "restarting)", code="not_running")
+        now = self.clock()
+        if t is not None:
+            if t.state not in VERIFY_STATES:
+                hint = " (stashctl retry puts a failed one back)" if t.state == "failed" else ""
+                raise AdminCommandError(
+                    f"verify: transfer {t.id} is {t.state}; only {', '.join(VERIFY_STATES)} transfers "
+                    f"are checked{hint}", code="bad_state")
+            records = [self._make_due(t, now)]
+        elif args.get("all"):
+            records = [self._make_due(r, now) for state in VERIFY_STATES
+                       for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)]
+        else:
+            records = [r for state in VERIFY_STATES
+                       for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)
+                       if r.next_check_at is not None and r.next_check_at <= now]
+        records = [r for r in records if r is not None]
+        records.sort(key=lambda r: (r.next_check_at or 0.0, r.created_at))
+        self._tell_verifier()
+        shown = []
+        for r in records[:VERIFY_SHOWN]:
+            parts = self.storage.list_parts(r.id)
+            shown.append({"id": r.id, "state": r.state, "source_path": r.source_path,
+                          "last_check_at": r.last_check_at, "next_check_at": r.next_check_at,
+                          "misses": sum(p.misses for p in parts)})
+        return {"scheduled": len(records), "requested_at": now, "transfers": shown}
+
+    def _make_due(self, t, now: float):
+        """next_check_at = now, keeping the state (compare-and-set; re-read on a race)."""
+        from storage.transfers import TransferStateError
+
+        for _ in range(3):
+            if t.state not in VERIFY_STATES:
+                return None
+            if t.next_check_at is not None and t.next_check_at <= now:
+                return t
+            try:
+                return self.storage.set_transfer_state(t.id, t.state, expected=t.state, next_check_at=now)
+            except TransferStateError:
+                t = self.storage.get_transfer(t.id)
+                if t is None:
+                    return None
+        return None
+
+    def _tell_verifier(self) -> None:
+        ref = self._refs.get(VERIFIER)
+        if ref is None:
+            return
+        try:
+            from actors import verifier_messages
+            ref.tell(verifier_messages.Tick())
+        except (ImportError, AttributeError, pykka.ActorDeadError) as exc:
+            log.warning("could not wake the verifier: {}", exc)
+
+    def _cmd_retry(self, args: dict) -> dict:
+        """failed -> back into the pipeline (storage decides where: upload or check)."""
+        from actors.admin.server import AdminCommandError
+        from storage.transfers import TransferStateError
+
+        t = self._transfer_arg("retry", args, required=True)
+        if t.state != "failed":
+            raise AdminCommandError(
+                f"retry: transfer {t.id} is {t.state}, not failed; only a failed transfer can be "
+                f"retried", code="bad_state")
+        try:
+            record = self.storage.retry_transfer(t.id)
+        except TransferStateError as exc:
+            raise AdminCommandError(f"retry: {exc}", code="bad_state") from exc
+        log.info("transfer {} retried by the operator: failed -> {} (it had failed: {})",
+                 t.id, record.state, t.reason)
+        self.tick()
+        self._tell_verifier()
+        return {"transfer": self.transfer_view(record, with_parts=True), "previous_reason": t.reason}
+
     def _cmd_budget(self, args: dict) -> dict:
         from actors.admin.server import AdminCommandError
         from actors.budget_messages import GetBudgetSnapshot
@@ -735,6 +845,15 @@ class Daemon:
         except Exception as exc:
             log.warning("counting transfers failed: {}", exc)
             return {}
+
+
+def _add_verification(view: dict, t, parts) -> None:
+    """What the transfer view shows of verification: checks, lease, attempts, misses per part."""
+    view.update(attempts=t.attempts, last_check_at=t.last_check_at, next_check_at=t.next_check_at,
+                lease_owner=t.lease_owner, lease_until=t.lease_until, cleaned=t.state == "cleaned",
+                misses=sum(p.misses for p in parts))
+    for shown, p in zip(view["parts"], parts):
+        shown.update(verified_at=p.verified_at, misses=p.misses, document_id=p.document_id)
 
 
 def _load_config(path: Path):
