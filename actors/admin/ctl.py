@@ -4,7 +4,8 @@
 
 Commands: status, accounts, pause ACCOUNT, resume ACCOUNT, shutdown,
 upload PATH... [--dest CHANNEL] [--caption TEXT] [--delete-original] [--wait],
-transfers [--state S] [--limit N], transfer ID, budget.
+transfers [--state S] [--limit N], transfer ID, budget,
+verify [TRANSFER | --all] [--wait], retry TRANSFER.
 
 Exit codes: 0 ok, 1 the command failed (or an awaited upload failed), 2 usage
 error, 3 daemon not reachable, 130 interrupted (Ctrl-C; nothing is cancelled).
@@ -30,10 +31,12 @@ from .progress import (
     short_id,
     wait_for_transfers,
 )
-from .protocol import AdminCommandError
+from .protocol import AdminCommandError, did_you_mean
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_SOCKET = Path("/run/stashd/stashd.sock")
+TRANSFER_STATES = ("planned", "uploading", "uploaded", "verifying", "verified", "cleaned", "failed")
+"""storage.transfers.TRANSFER_STATES, repeated so stashctl starts without importing storage."""
 ENV_SOCKET = "STASHD_SOCKET"
 
 
@@ -96,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default 100)")
     command("transfer", "one transfer in detail, with its parts").add_argument("id", metavar="ID")
     command("budget", "upload budget: bytes in flight, slots, waiters, per-account quotas")
+    ve = command("verify", "check uploaded transfers now: one (TRANSFER), every due one (no "
+                 "argument), or every uploaded/verified one (--all)")
+    ve.add_argument("id", nargs="?", metavar="TRANSFER", help="the transfer to check now")
+    ve.add_argument("--all", action="store_true",
+                    help="make every uploaded, verifying and verified transfer due now")
+    ve.add_argument("--wait", action="store_true",
+                    help="with TRANSFER: wait for the check and show its outcome (exit 1 if a part "
+                    "is missing or the transfer failed)")
+    command("retry", "put a failed transfer back into the pipeline (upload what is missing, "
+            "then verify)").add_argument("id", metavar="TRANSFER")
     return parser
 
 
@@ -109,6 +122,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--timeout must be positive")
     if ns.cmd == "transfers" and ns.limit <= 0:
         parser.error("--limit must be positive")
+    if ns.cmd == "transfers" and ns.state is not None and ns.state not in TRANSFER_STATES:
+        parser.error(f"--state: unknown transfer state {ns.state!r}{did_you_mean(ns.state, TRANSFER_STATES)}; "
+                     f"one of {', '.join(TRANSFER_STATES)}")
+    if ns.cmd == "verify" and ns.id and ns.all:
+        parser.error("verify: give a TRANSFER or --all, not both")
+    if ns.cmd == "verify" and ns.wait and not ns.id:
+        parser.error("verify: --wait needs a TRANSFER")
     return ns
 
 
@@ -122,8 +142,10 @@ def command_args(ns: argparse.Namespace) -> dict:
                 "caption": ns.caption, "delete_original": ns.delete_original}
     if ns.cmd == "transfers":
         return {"state": ns.state, "limit": ns.limit}
-    if ns.cmd == "transfer":
+    if ns.cmd in ("transfer", "retry"):
         return {"id": ns.id}
+    if ns.cmd == "verify":
+        return {"id": ns.id, "all": ns.all}
     return {}
 
 
@@ -332,6 +354,43 @@ def format_transfers(result: Any, now: float) -> str:
 
 
 PART_HEADERS = ("PART", "OFFSET", "LENGTH", "FILE", "MESSAGE", "ACCOUNT", "SENT")
+CHECKED_PART_HEADERS = PART_HEADERS + ("VERIFIED", "MISSES")
+"""When the daemon reports verification per part (``verified_at``, ``misses``)."""
+
+
+def _ago(at: Any, now: float) -> str | None:
+    if not isinstance(at, (int, float)) or isinstance(at, bool):
+        return None
+    return f"{human_duration(now - at)} ago" if now >= at else f"in {human_duration(at - now)}"
+
+
+def verification_lines(t: dict, now: float) -> list[tuple[str, Any]]:
+    """The verifier's view of a transfer: attempts, last/next check, lease, cleanup."""
+    lines: list[tuple[str, Any]] = []
+    if "attempts" in t:
+        lines.append(("attempts", t.get("attempts")))
+    if "last_check_at" in t:
+        lines.append(("last check", _timestamp(t.get("last_check_at"), now) or "never"))
+    if "next_check_at" in t:
+        nxt = t.get("next_check_at")
+        due = isinstance(nxt, (int, float)) and nxt <= now and t.get("state") in CHECKED_STATES
+        lines.append(("next check", "due now" if due else _timestamp(nxt, now)))
+    if t.get("lease_owner"):
+        lines.append(("checking", f"{t['lease_owner']} (lease {_ago(t.get('lease_until'), now) or '-'})"))
+    parts = t.get("parts") if isinstance(t.get("parts"), list) else []
+    misses = sum(p.get("misses") or 0 for p in parts if isinstance(p, dict))
+    if parts and any(isinstance(p, dict) and "misses" in p for p in parts):
+        verified = sum(1 for p in parts if isinstance(p, dict) and p.get("verified_at") is not None)
+        lines.append(("verified", f"{verified} of {len(parts)} parts"))
+        lines.append(("misses", misses))
+    if "cleaned" in t or "cleaned_at" in t or t.get("state") == "cleaned":
+        at = t.get("cleaned_at")
+        cleaned = bool(t.get("cleaned")) or t.get("state") == "cleaned" or at is not None
+        lines.append(("cleaned", (_timestamp(at, now) or "yes") if cleaned else "no"))
+    return lines
+
+
+CHECKED_STATES = ("uploaded", "verifying", "verified")
 
 
 def format_transfer(t: Any, now: float) -> str:
@@ -354,6 +413,7 @@ def format_transfer(t: Any, now: float) -> str:
     header += [(k, t.get(k)) for k in ("duplicate_of", "reason") if t.get(k) is not None]
     header += [("created", _timestamp(t.get("created_at"), now)),
                ("updated", _timestamp(t.get("updated_at"), now))]
+    header += verification_lines(t, now)
     width = max(len(k) for k, _ in header)
     text = "\n".join(f"{k + ':':<{width + 1}}  {'-' if v is None else v}" for k, v in header)
     parts = t.get("parts")
@@ -361,16 +421,21 @@ def format_transfer(t: Any, now: float) -> str:
         return text
     if not parts:
         return text + "\n\nno parts"
+    checked = any(isinstance(p, dict) and "misses" in p for p in parts)
+    headers = CHECKED_PART_HEADERS if checked else PART_HEADERS
     rows = []
     for p in parts:
         if not isinstance(p, dict):
-            rows.append((str(p),) + (None,) * 6)
+            rows.append((str(p),) + (None,) * (len(headers) - 1))
             continue
         sent = p.get("sent_at")
-        rows.append((p.get("index"), human_bytes(p.get("offset")), human_bytes(p.get("length")),
-                     p.get("file_name"), p.get("message_id"), p.get("account"),
-                     f"{human_duration(now - sent)} ago" if isinstance(sent, (int, float)) else None))
-    return text + "\n\nPARTS\n" + table(PART_HEADERS, rows)
+        row = (p.get("index"), human_bytes(p.get("offset")), human_bytes(p.get("length")),
+               p.get("file_name"), p.get("message_id"), p.get("account"),
+               f"{human_duration(now - sent)} ago" if isinstance(sent, (int, float)) else None)
+        if checked:
+            row += (_ago(p.get("verified_at"), now) or "no", p.get("misses"))
+        rows.append(row)
+    return text + "\n\nPARTS\n" + table(headers, rows)
 
 
 # ---------------------------------------------------------------- budget
@@ -420,6 +485,77 @@ def format_budget(b: Any, now: float) -> str:
     return text + "\n\nACCOUNTS\n" + table(BUDGET_HEADERS, rows)
 
 
+# ---------------------------------------------------------------- verify / retry
+
+VERIFY_HEADERS = ("ID", "STATE", "LAST CHECK", "MISSES", "PATH")
+
+
+def format_verify(result: Any, now: float) -> str:
+    """``verify``: how many transfers were made due, and the first of them."""
+    if not isinstance(result, dict) or not isinstance(result.get("scheduled"), int):
+        return format_generic(result)
+    n = result["scheduled"]
+    if n == 0:
+        return "nothing to check: no uploaded or verified transfer is due (stashctl verify --all re-checks them all)"
+    text = f"{n} transfer(s) to be checked now"
+    rows = []
+    for t in result.get("transfers") or []:
+        if isinstance(t, dict):
+            rows.append((_short_id(t.get("id")), t.get("state"), _ago(t.get("last_check_at"), now) or "never",
+                         t.get("misses"), shorten_left(t.get("source_path"), 50)))
+    if rows:
+        text += "\n" + table(VERIFY_HEADERS, rows)
+        if n > len(rows):
+            text += f"\n... and {n - len(rows)} more"
+    return text
+
+
+def check_outcome(t: dict) -> tuple[bool, str]:
+    """(ok, one line) for a transfer after a check ``verify --wait`` waited for."""
+    state = t.get("state")
+    parts = [p for p in t.get("parts") or [] if isinstance(p, dict)]
+    missing = [p for p in parts if p.get("message_id") is None or p.get("verified_at") is None]
+    if state == "failed":
+        return False, f"failed: {t.get('reason') or 'no reason given'}"
+    if state in ("verified", "cleaned") and not missing:
+        return True, f"{state}: all {len(parts)} part(s) present"
+    if state in ("uploading", "planned") or missing:
+        return False, (f"{len(missing)} of {len(parts)} part(s) missing: being uploaded again "
+                       f"(attempt {t.get('attempts', '-')})")
+    return True, f"{state}"
+
+
+def format_retry(result: Any, now: float) -> str:
+    if not isinstance(result, dict) or not isinstance(result.get("transfer"), dict):
+        return format_generic(result)
+    t = result["transfer"]
+    was = result.get("previous_reason")
+    return (f"transfer {t.get('id')}: failed -> {t.get('state')}"
+            + (f" (it had failed: {was})" if was else ""))
+
+
+def run_verify(client: AdminClient, ns: argparse.Namespace, stdout: TextIO, stderr: TextIO, *,
+               sleep: Callable[[float], None]) -> int:
+    """``verify``; with ``--wait`` poll the transfer until a check after the request is recorded."""
+    result = client.call("verify", command_args(ns))
+    if not ns.wait:
+        print(render("verify", result, as_json=ns.json, now=time.time()), file=stdout)
+        return EXIT_OK
+    asked = result.get("requested_at") if isinstance(result, dict) else None
+    while True:
+        t = client.call("transfer", {"id": ns.id})
+        last = t.get("last_check_at")
+        checked = isinstance(last, (int, float)) and isinstance(asked, (int, float)) and last >= asked
+        if checked or t.get("state") == "failed" or not isinstance(asked, (int, float)):
+            break
+        sleep(0.2)
+    ok, line = check_outcome(t)
+    print(render("transfer", t, as_json=ns.json, now=time.time()), file=stdout)
+    if not ns.json:
+        print(f"\ncheck: {line}", file=stdout)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 FORMATTERS: dict[str, Callable[[Any, float], str]] = {
     "status": format_status,
     "accounts": format_accounts,
@@ -427,6 +563,8 @@ FORMATTERS: dict[str, Callable[[Any, float], str]] = {
     "transfers": format_transfers,
     "transfer": format_transfer,
     "budget": format_budget,
+    "verify": format_verify,
+    "retry": format_retry,
 }
 
 
@@ -513,6 +651,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         with AdminClient(path, timeout=ns.timeout) as client:
             if ns.cmd == "upload":
                 return run_upload(client, ns, stdout, stderr, sleep=sleep, clock=clock)
+            if ns.cmd == "verify":
+                return run_verify(client, ns, stdout, stderr, sleep=sleep)
             result = client.call(ns.cmd, command_args(ns))
     except AdminUnreachableError as exc:
         print(f"stashctl: {exc}", file=stderr)

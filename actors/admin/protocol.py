@@ -34,7 +34,8 @@ MAX_REPLY_BYTES = 64 * 1_048_576
 HEADER = struct.Struct(">I")
 
 COMMANDS: frozenset[str] = frozenset({"status", "accounts", "pause", "resume", "shutdown",
-                                    "upload", "transfers", "transfer", "budget"})
+                                    "upload", "transfers", "transfer", "budget",
+                                    "verify", "retry"})
 """Commands the daemon knows today (later issues add more)."""
 
 # Error codes put on the wire.
