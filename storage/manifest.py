@@ -196,9 +196,74 @@ def _caption(user_caption: str | None, marker: str) -> str:
     return f"{text}\n{marker}"
 
 
+_HASH_BATCH = 4 * HASH_BLOCK_SIZE    # bytes read at once while hashing a source
+_HASH_BUFFERS = 4                   # batches in memory at most (reading + hashing in threads)
+
+
+def _block_digests(view: memoryview) -> list[bytes]:
+    return [hashlib.sha256(view[i:i + HASH_BLOCK_SIZE]).digest()
+            for i in range(0, len(view), HASH_BLOCK_SIZE)]
+
+
+def _hash_spans(path: Path, spans: list[tuple[int, int]]):
+    """Read ``path`` once; returns (whole-file sha256, [(offset, length, part hex, block digests)]).
+
+    One read of every byte feeds three hashes: the whole file's (this thread,
+    in order), each part's (a second thread, in order; for a file that is one
+    part it *is* the whole file's hash, so it is not computed twice) and the
+    per-MiB block hashes (a third thread).  hashlib releases the GIL on large
+    buffers, so on two cores the pass takes about as long as one read+sha256.
+    Batches are bounded (_HASH_BUFFERS x _HASH_BATCH bytes in memory).
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    whole = hashlib.sha256()
+    split = len(spans) > 1
+    hashed = []
+    ring = [bytearray(_HASH_BATCH) for _ in range(_HASH_BUFFERS)]   # reused: no fresh 4 MiB per batch
+    pending: deque = deque()   # per batch still being hashed: its futures, oldest first
+    batch = 0
+    with open(path, "rb", buffering=0) as fh, \
+            ThreadPoolExecutor(1, thread_name_prefix="manifest-blocks") as blocks_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="manifest-part") as part_pool:
+        for offset, length in spans:
+            part_hash = hashlib.sha256() if split else None
+            block_futures = []
+            remaining = length
+            while remaining:
+                if len(pending) >= _HASH_BUFFERS:   # the buffer we are about to reuse is still read
+                    for future in pending.popleft():
+                        future.result()
+                size = min(_HASH_BATCH, remaining)
+                view = memoryview(ring[batch % _HASH_BUFFERS])[:size]
+                batch += 1
+                got = 0
+                while got < size:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        raise SourceError(f"{path}: file shrank while it was read")
+                    got += n
+                remaining -= size
+                futures = [blocks_pool.submit(_block_digests, view)]
+                block_futures.append(futures[0])
+                if part_hash is not None:
+                    futures.append(part_pool.submit(part_hash.update, view))
+                pending.append(futures)
+                whole.update(view)
+            while pending:
+                for future in pending.popleft():
+                    future.result()
+            blocks = tuple(d for f in block_futures for d in f.result())
+            digest = part_hash.hexdigest() if part_hash is not None else whole.hexdigest()
+            hashed.append((offset, length, digest, blocks))
+    return whole, hashed
+
+
 def build_manifest(path, destination: str, limit_bytes: int, caption: str | None = None,
                    *, rng=secrets, clock=time.time) -> Manifest:
-    """Plan a transfer of one file, reading it once (hashes of file, parts, blocks).
+    """Plan a transfer of one file, reading it once (hashes of file, parts, blocks: one pass,
+    see :func:`_hash_spans`).
 
     Raises :class:`SourceError` when the file is missing, empty, or changes
     while it is read.
@@ -209,27 +274,7 @@ def build_manifest(path, destination: str, limit_bytes: int, caption: str | None
         spans = plan_split(before.st_size, limit_bytes)
         if not spans:
             raise SourceError(f"{path}: file is empty; Telegram refuses empty documents")
-        whole = hashlib.sha256()
-        hashed = []
-        with open(path, "rb") as fh:
-            for offset, length in spans:
-                part_hash, blocks = hashlib.sha256(), []
-                remaining = length
-                while remaining:
-                    block = fh.read(min(HASH_BLOCK_SIZE, remaining))
-                    if not block:
-                        raise SourceError(f"{path}: file shrank while it was read")
-                    # a short read is possible in theory; top the block up
-                    while len(block) < min(HASH_BLOCK_SIZE, remaining):
-                        more = fh.read(min(HASH_BLOCK_SIZE, remaining) - len(block))
-                        if not more:
-                            raise SourceError(f"{path}: file shrank while it was read")
-                        block += more
-                    remaining -= len(block)
-                    whole.update(block)
-                    part_hash.update(block)
-                    blocks.append(hashlib.sha256(block).digest())
-                hashed.append((offset, length, part_hash.hexdigest(), tuple(blocks)))
+        whole, hashed = _hash_spans(path, spans)
         after = path.stat()
     except OSError as exc:
         raise SourceError(f"{path}: cannot read source: {exc.strerror or exc}") from exc
@@ -445,6 +490,19 @@ def read_manifest(path) -> Manifest:
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror or exc}") from None
     return unpack_manifest(data, path)
+
+
+def rewrite_part_random_id(path, part_index: int, random_id: int) -> Manifest:
+    """Re-upload of a lost part: read the manifest, give part ``part_index`` a
+    fresh ``random_id`` (the old one maps to the deleted message) and replace
+    the file atomically. Returns the new manifest. Raises ManifestError.
+    """
+    manifest = read_manifest(path)
+    if not 0 <= part_index < len(manifest.parts):
+        raise ManifestShapeError(f"{path}: no part {part_index} (has {len(manifest.parts)})")
+    updated = manifest.with_random_id(part_index, random_id)
+    write_manifest(updated, path)
+    return updated
 
 
 def discard_stale_temps(path) -> int:
