@@ -85,6 +85,27 @@ API (all on ``Storage``)::
         # parts in missing: misses += 1, verified_at = None;
         # last_check_at = now; next_check_at set when given
 
+    # verifier support (issue 4, W3)
+    VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")   # re-checked states
+    schedule_check(transfer_id=None, at=None, states=VERIFY_STATES) -> int
+        # next_check_at = at (default now) for one transfer (if in states) or
+        # for every transfer in states; leases untouched; returns the count
+    oldest_due_check(states=VERIFY_STATES) -> float | None
+        # smallest next_check_at that is <= now (lag = now - it), None if none due
+    count_due_checks(states=VERIFY_STATES) -> int   # due now, leased or not
+    release_transfer_leases(owner_prefix, *, keep=None) -> int
+        # recovery on start: drop leases whose owner starts with owner_prefix
+        # (a previous incarnation of this node's verifier), except ``keep``
+    mark_transfer_cleaned(transfer_id, *, next_check_at=UNSET, lease_owner=None)
+        -> TransferRecord   # verified -> cleaned; refused (TransferStateError)
+        # unless state is verified and every part has verified_at (a duplicate:
+        # its duplicate_of transfer is verified or cleaned); rows are kept
+    retry_transfer(transfer_id) -> TransferRecord     # operator retry of a failed one
+        # failed -> uploaded (a duplicate: follows duplicate_of again, due now),
+        # -> verifying (every part has a message id; due now: a miss re-uploads),
+        # -> uploading (some parts sent), -> planned (none sent); attempts = 0,
+        # reason cleared, lease released. TransferStateError unless failed.
+
 Records: TransferRecord, PartRecord, ClaimResult, PackageRecord (frozen).
 Errors (all StorageError): TransferNotFoundError, TransferExistsError,
 TransferStateError, LeaseLostError, PartConflictError.
@@ -115,6 +136,7 @@ TRANSFER_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 DUE_STATES = ("uploaded", "verified", "verifying")
+VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")
 
 UNSET = object()
 
@@ -802,3 +824,132 @@ class TransferStore:
             return _transfer_record(t)
 
         return self._run(tx, write=True, what=f"record check of {transfer_id!r}")
+
+    # -- verifier support -------------------------------------------------------------
+
+    def _in_states_query(self, states: Sequence[str]):
+        states = tuple(states)
+        for st in states:
+            _check_state(st)
+        Transfer = self.entities.Transfer
+        return Transfer.select(lambda t: t.state in states)
+
+    def schedule_check(self, transfer_id: str | None = None, at: float | None = None,
+                       states: Sequence[str] = VERIFY_STATES) -> int:
+        """Make one transfer (or every transfer in ``states``) due at ``at`` (default now)."""
+        states = tuple(states)
+
+        def tx():
+            when = self._now() if at is None else float(at)
+            q = self._in_states_query(states)
+            if transfer_id is not None:
+                q = q.filter(lambda t: t.id == transfer_id)
+            n = 0
+            for t in q.for_update():
+                t.next_check_at = when
+                n += 1
+            return n
+
+        return self._run(tx, write=True, what="schedule checks")
+
+    def oldest_due_check(self, states: Sequence[str] = VERIFY_STATES) -> float | None:
+        """The smallest next_check_at that is due now (verification lag = now - it)."""
+        states = tuple(states)
+
+        def tx():
+            now = self._now()
+            q = self._in_states_query(states)
+            return select(min(t.next_check_at) for t in q
+                          if t.next_check_at is not None and t.next_check_at <= now).first()
+
+        return self._run(tx, write=False, what="oldest due check")
+
+    def count_due_checks(self, states: Sequence[str] = VERIFY_STATES) -> int:
+        states = tuple(states)
+
+        def tx():
+            now = self._now()
+            q = self._in_states_query(states)
+            return int(q.filter(lambda t: t.next_check_at is not None
+                                and t.next_check_at <= now).count())
+
+        return self._run(tx, write=False, what="count due checks")
+
+    def release_transfer_leases(self, owner_prefix: str, *, keep: str | None = None) -> int:
+        """Drop the leases a previous incarnation (owner starting with the prefix) left."""
+        if not owner_prefix:
+            raise ValueError("owner prefix must not be empty")
+        Transfer = self.entities.Transfer
+
+        def tx():
+            n = 0
+            q = Transfer.select(lambda t: t.lease_owner is not None
+                                and t.lease_owner.startswith(owner_prefix))
+            for t in q.for_update():
+                if keep is not None and t.lease_owner == keep:
+                    continue
+                t.set(lease_owner=None, lease_until=None)
+                n += 1
+            return n
+
+        return self._run(tx, write=True, what="release stale transfer leases")
+
+    def mark_transfer_cleaned(self, transfer_id: str, *, next_check_at=UNSET,
+                              lease_owner: str | None = None) -> TransferRecord:
+        """verified -> cleaned, only when every part (or the referenced transfer) is verified."""
+        Transfer = self.entities.Transfer
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            _check_lease(t, lease_owner)
+            if t.state != "verified":
+                raise TransferStateError(transfer_id, t.state, "cleaned",
+                                         f"state is {t.state!r}, only a verified transfer is cleaned")
+            if t.duplicate_of is not None:
+                ref = Transfer.get(id=t.duplicate_of)
+                if ref is None or ref.state not in ("verified", "cleaned"):
+                    raise TransferStateError(
+                        transfer_id, t.state, "cleaned",
+                        f"referenced transfer {t.duplicate_of!r} is "
+                        f"{'missing' if ref is None else ref.state!r}, not verified")
+            else:
+                parts = list(t.parts)
+                unverified = sorted(p.part_index for p in parts
+                                    if p.verified_at is None or p.message_id is None)
+                if unverified or not parts:
+                    raise TransferStateError(transfer_id, t.state, "cleaned",
+                                             f"parts not verified: {unverified}")
+            now = self._now()
+            t.set(state="cleaned", updated_at=now)
+            if next_check_at is not UNSET:
+                t.next_check_at = None if next_check_at is None else float(next_check_at)
+            return _transfer_record(t)
+
+        return self._run(tx, write=True, what=f"mark transfer {transfer_id!r} cleaned")
+
+    def retry_transfer(self, transfer_id: str) -> TransferRecord:
+        """Operator retry: a failed transfer starts again (see the module docstring)."""
+
+        def tx():
+            t = self._transfer_for_update(transfer_id)
+            if t.state != "failed":
+                raise TransferStateError(transfer_id, t.state, "planned",
+                                         f"state is {t.state!r}; only a failed transfer is retried")
+            parts = list(t.parts)
+            sent = [p for p in parts if p.message_id is not None]
+            if t.duplicate_of is not None:
+                state = "uploaded"
+            elif parts and len(sent) == len(parts):
+                state = "verifying"
+            elif sent:
+                state = "uploading"
+            else:
+                state = "planned"
+            now = self._now()
+            t.set(state=state, attempts=0, reason=None, updated_at=now, next_check_at=now,
+                  lease_owner=None, lease_until=None)
+            if state == "uploading":
+                t.account = None  # any eligible account may resume it
+            return _transfer_record(t, part_count=len(parts))
+
+        return self._run(tx, write=True, what=f"retry transfer {transfer_id!r}")
