@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 
 from loguru import logger
 
+from actors.adoption import adopt_orphans
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
 from actors.base import LoopActor
@@ -150,23 +151,43 @@ class BudgetActorPort:
 
 # -- the journal, on storage ---------------------------------------------------------------
 class StorageJournal:
-    """ChunkJournal over storage.transfers (journal_chunk / journaled_chunks).
+    """ChunkJournal over storage.transfers (journal_chunk_many / journaled_chunks).
 
     Chunks are uploaded per session, so only chunks this ``account`` sent count.
+    Acknowledged chunks are written in batches (one transaction per
+    ``batch`` chunks or per ``interval`` seconds of ``clock``, and at
+    :meth:`flush`, which upload_document calls before sending the document and
+    when it stops): a transaction per 512 KiB chunk was a quarter of the
+    uploader's CPU.  Only acknowledged chunks are ever journaled; a crash loses
+    at most the last unflushed ones, which a restart simply sends again.
     """
 
     def __init__(self, storage: Any, transfer_id: str, part_index: int, account: str,
-                 *, max_age: float | None = None):
+                 *, max_age: float | None = None, batch: int = 64, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.storage, self.transfer_id, self.part_index = storage, transfer_id, part_index
         self.account, self.max_age = account, max_age
+        self.batch, self.interval, self._clock = max(1, batch), interval, clock
+        self._unflushed: list[int] = []
+        self._flushed_at = clock()
 
     def acked(self) -> set[int]:
         return self.storage.journaled_chunks(self.transfer_id, self.part_index,
                                              account=self.account, max_age=self.max_age)
 
     def record(self, index: int) -> None:
-        self.storage.journal_chunk(self.transfer_id, self.part_index, index, self.account)
-        fault_point("mid_part_upload")
+        self._unflushed.append(index)
+        if len(self._unflushed) >= self.batch or self._clock() - self._flushed_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self._flushed_at = self._clock()
+        if not self._unflushed:
+            return
+        indexes, self._unflushed = self._unflushed, []
+        self.storage.journal_chunk_many(self.transfer_id, self.part_index, indexes, self.account)
+        for _ in indexes:   # one hit per journaled chunk, as before batching
+            fault_point("mid_part_upload")
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -223,7 +244,15 @@ class UploaderActor(LoopActor):
             store.set_transfer_state(tid, "uploading", expected=("planned",), account=msg.account)
         elif transfer.state != "uploading":
             raise ValueError(f"transfer {tid} is {transfer.state}, not planned/uploading")
-        port = AccountPort(self._accounts(msg.account), msg.channel or manifest.destination,
+        account_ref = self._accounts(msg.account)
+        if transfer.state == "uploading" and transfer.account != msg.account:
+            # another account started it: its unrecorded sends are adopted, not duplicated
+            adopted = await adopt_orphans(store, account_ref, tid, channel=msg.channel or None,
+                                          manifest=manifest, timeout=self._timeout)
+            store.set_transfer_state(tid, "uploading", expected=("uploading",), account=msg.account)
+            log.info("continuing transfer of {} with {} (adopted parts {})", transfer.account,
+                     msg.account, [i + 1 for i in adopted])
+        port = AccountPort(account_ref, msg.channel or manifest.destination,
                            timeout=self._timeout)
         budget = BudgetActorPort(self.budget, msg.account) if self.budget is not None else None
         sent: list[PartSent] = []
@@ -235,7 +264,7 @@ class UploaderActor(LoopActor):
                     started = time.monotonic()
                     result = await upload_document(
                         port, plan, reader, window=self.window,
-                        journal=StorageJournal(store, tid, part.index, msg.account),
+                        journal=StorageJournal(store, tid, part.index, msg.account, clock=self._clock),
                         budget=budget, clock=self._clock, sleep=self._sleep,
                         max_attempts=self._max_attempts, on_stats=stats.append)
                     fault_point("after_send_before_record")

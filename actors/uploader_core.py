@@ -291,6 +291,9 @@ class ChunkJournal(Protocol):
 
     def record(self, index: int) -> None: ...
 
+    # optional: ``flush()`` writes what ``record`` buffered (called before the
+    # document is sent and when the upload stops)
+
 
 class BudgetPort(Protocol):
     """Byte/slot leases for chunks in flight: acquire before reading, release after."""
@@ -421,10 +424,14 @@ async def upload_document(
             for task in finished:  # settled no more after an error: retrieve, do not warn
                 task.cancelled() or task.exception()
 
+    flush = getattr(journal, "flush", None) or (lambda: None)
     send_failures = missing_rounds = 0
     try:
         while True:
-            await send_all_chunks()
+            try:
+                await send_all_chunks()
+            finally:
+                flush()   # what was acknowledged is journaled before anything else happens
             stats["sends"] += 1
             try:
                 return await port.send_document(
