@@ -845,7 +845,7 @@ class TransferStore:
             if transfer_id is not None:
                 q = q.filter(lambda t: t.id == transfer_id)
             n = 0
-            for t in q.for_update():
+            for t in q.without_distinct().for_update():
                 t.next_check_at = when
                 n += 1
             return n
@@ -885,7 +885,7 @@ class TransferStore:
             n = 0
             q = Transfer.select(lambda t: t.lease_owner is not None
                                 and t.lease_owner.startswith(owner_prefix))
-            for t in q.for_update():
+            for t in q.without_distinct().for_update():
                 if keep is not None and t.lease_owner == keep:
                     continue
                 t.set(lease_owner=None, lease_until=None)

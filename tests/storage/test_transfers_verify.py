@@ -1,0 +1,150 @@
+"""Verifier support in storage.transfers on both backends: schedule_check,
+oldest_due_check / count_due_checks, release_transfer_leases,
+mark_transfer_cleaned (never before verified), retry_transfer."""
+from __future__ import annotations
+
+import pytest
+
+from storage import LeaseLostError, TransferStateError, open_storage
+from storage.transfers import VERIFY_STATES
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def store(db_url, clock):
+    s = open_storage(db_url, clock=clock)
+    yield s
+    s.close()
+
+
+def _create(store, tid, *, n=2, sha=None):
+    return store.create_transfer(
+        tid, source_path=f"/in/{tid}", size=20, sha256=sha or f"{hash(tid) & 0xffff:064x}",
+        destination="@stash", manifest_path=f"/m/{tid}", delete_original=False,
+        parts=[(i, i * 10, 10, f"{i:064x}", f"f.{i}", 1000 + i) for i in range(n)])
+
+
+def _uploaded(store, tid, *, n=2, delay=0.0):
+    _create(store, tid, n=n)
+    for i in range(n):
+        store.record_part_sent(tid, i, message_id=100 + i, document_id=5000 + i, account="alice")
+    return store.mark_transfer_uploaded(tid, first_check_delay=delay)
+
+
+def _verified(store, tid, n=2):
+    _uploaded(store, tid, n=n)
+    store.record_check(tid, present=range(n))
+    store.set_transfer_state(tid, "verifying")
+    return store.set_transfer_state(tid, "verified")
+
+
+def test_schedule_check_one_or_all_verifiable(store, clock):
+    _uploaded(store, "a", delay=100)
+    _uploaded(store, "b", delay=200)
+    _create(store, "p")  # planned: never scheduled for a check
+    assert store.count_due_checks() == 0 and store.oldest_due_check() is None
+    assert store.schedule_check("a") == 1
+    assert store.get_transfer("a").next_check_at == clock.now
+    assert store.count_due_checks() == 1 and store.oldest_due_check() == clock.now
+    assert store.schedule_check("p") == 0 and store.schedule_check("nope") == 0
+    assert store.schedule_check(at=clock.now - 5) == 2
+    assert store.oldest_due_check() == clock.now - 5 and store.count_due_checks() == 2
+    assert store.get_transfer("p").next_check_at == clock.now  # untouched (created due)
+
+
+def test_oldest_due_check_ignores_future_checks_and_counts_leased_ones(store, clock):
+    _uploaded(store, "a", delay=0)
+    clock.advance(10)
+    _uploaded(store, "b", delay=0)
+    _uploaded(store, "c", delay=50)
+    assert store.oldest_due_check() == clock.now - 10
+    assert store.claim_due_transfers("v1", 1, 60)[0].id == "a"
+    assert store.oldest_due_check() == clock.now - 10  # leased but still not checked
+    assert store.count_due_checks() == 2
+    assert set(VERIFY_STATES) == {"uploaded", "verifying", "verified", "cleaned"}
+
+
+def test_release_transfer_leases_of_an_earlier_incarnation(store, clock):
+    for tid in ("a", "b", "c"):
+        _uploaded(store, tid)
+    store.claim_due_transfers("node1/verifier#old", 1, 600)
+    store.claim_due_transfers("node1/verifier#new", 1, 600)
+    store.claim_due_transfers("node2/verifier#x", 1, 600)
+    assert store.release_transfer_leases("node1/verifier#", keep="node1/verifier#new") == 1
+    owners = sorted(filter(None, (store.get_transfer(t).lease_owner for t in "abc")))
+    assert owners == ["node1/verifier#new", "node2/verifier#x"]
+    # the released one is claimable again at once
+    assert [t.id for t in store.claim_due_transfers("node1/verifier#new", 5, 600)] == ["a"]
+    with pytest.raises(ValueError):
+        store.release_transfer_leases("")
+
+
+def test_cleaned_only_after_every_part_is_verified(store, clock):
+    _uploaded(store, "t")
+    with pytest.raises(TransferStateError, match="only a verified"):
+        store.mark_transfer_cleaned("t")
+    store.record_check("t", present=[0])
+    store.set_transfer_state("t", "verifying")
+    store.set_transfer_state("t", "verified")  # a state set by hand, part 1 unverified
+    with pytest.raises(TransferStateError, match=r"parts not verified: \[1\]"):
+        store.mark_transfer_cleaned("t")
+    store.record_check("t", present=[1])
+    leased = store.claim_due_transfers("v", 1, 60, states=("verified",))
+    assert [t.id for t in leased] == ["t"]
+    with pytest.raises(LeaseLostError):
+        store.mark_transfer_cleaned("t", lease_owner="other")
+    rec = store.mark_transfer_cleaned("t", lease_owner="v", next_check_at=clock.now + 99)
+    assert (rec.state, rec.next_check_at) == ("cleaned", clock.now + 99)
+    parts = store.list_parts("t")  # the compact record stays
+    assert [p.message_id for p in parts] == [100, 101]
+    # cleaned is still re-checked on the slow cycle, and can go back to verifying
+    assert store.set_transfer_state("t", "verifying").state == "verifying"
+
+
+def test_a_duplicate_is_cleaned_only_when_its_reference_is_verified(store):
+    _uploaded(store, "orig")
+    _create(store, "dup")
+    store.mark_transfer_duplicate("dup", "orig")
+    store.set_transfer_state("dup", "verifying")
+    store.set_transfer_state("dup", "verified")
+    with pytest.raises(TransferStateError, match="referenced transfer 'orig' is 'uploaded'"):
+        store.mark_transfer_cleaned("dup")
+    store.record_check("orig", present=[0, 1])
+    store.set_transfer_state("orig", "verifying")
+    store.set_transfer_state("orig", "verified")
+    assert store.mark_transfer_cleaned("dup").state == "cleaned"
+
+
+def test_failed_keeps_everything_and_cannot_be_cleaned(store):
+    _verified(store, "t")
+    store.set_transfer_state("t", "failed", reason="lost")
+    with pytest.raises(TransferStateError):
+        store.mark_transfer_cleaned("t")
+    assert [p.message_id for p in store.list_parts("t")] == [100, 101]
+
+
+@pytest.mark.parametrize("sent,expected", [(2, "verifying"), (1, "uploading"), (0, "planned")])
+def test_retry_transfer_picks_where_to_start(store, clock, sent, expected):
+    _create(store, "t")
+    store.set_transfer_state("t", "uploading", account="alice")
+    for i in range(sent):
+        store.record_part_sent("t", i, message_id=100 + i, document_id=None, account="alice")
+    store.set_transfer_state("t", "failed", reason="gave up after 5 re-uploads", attempts=5)
+    clock.advance(30)
+    rec = store.retry_transfer("t")
+    assert (rec.state, rec.attempts, rec.reason, rec.next_check_at) == (expected, 0, None, clock.now)
+    assert rec.lease_owner is None
+    if expected == "uploading":
+        assert rec.account is None  # any eligible account may resume it
+    with pytest.raises(TransferStateError, match="only a failed transfer"):
+        store.retry_transfer("t")
+
+
+def test_retry_of_a_failed_duplicate_follows_its_reference_again(store, clock):
+    _uploaded(store, "orig")
+    _create(store, "dup")
+    store.mark_transfer_duplicate("dup", "orig")
+    store.set_transfer_state("dup", "failed", reason="reference failed")
+    rec = store.retry_transfer("dup")
+    assert (rec.state, rec.duplicate_of, rec.next_check_at) == ("uploaded", "orig", clock.now)
