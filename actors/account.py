@@ -61,6 +61,7 @@ from actors.account_messages import (
     PartUploadedResult,
     Pause,
     Resume,
+    SearchMessages,
     SendDocument,
     TopicInfo,
     TopicsResult,
@@ -135,6 +136,7 @@ class AccountActor(SupervisedMixin, LoopActor):
             SendDocument: self._send_document,
             GetMessages: self._get_messages,
             DeleteMessages: self._delete_messages,
+            SearchMessages: self._search,
             Pause: self._pause,
             Resume: self._resume,
         }
@@ -491,3 +493,25 @@ class AccountActor(SupervisedMixin, LoopActor):
             "DeleteMessagesRequest", lambda: self._client.delete_messages(entity, ids, revoke=True)
         )
         return DeletedResult(sum(getattr(a, "pts_count", 0) for a in affected))
+
+    async def _search(self, msg: SearchMessages) -> HistoryResult:
+        """One page of messages.search (raw: Telethon's iterator ignores ``search`` in topics)."""
+        self._ensure_working()
+        if not 1 <= msg.limit <= 100:
+            raise ValueError(f"limit {msg.limit}: 1..100 messages per page")
+        if msg.max_id < 0:
+            raise ValueError(f"max_id {msg.max_id} must be >= 0")
+        entity = await self._entity(msg.channel)
+        request = functions.messages.SearchRequest(
+            peer=entity, q=msg.query,
+            filter=types.InputMessagesFilterDocument() if msg.documents_only
+            else types.InputMessagesFilterEmpty(),
+            min_date=None, max_date=None, offset_id=msg.max_id, add_offset=0, limit=msg.limit,
+            max_id=0, min_id=0, hash=0, top_msg_id=msg.topic_id)
+        res = await self._raw(request)
+        found = [m for m in getattr(res, "messages", ())
+                 if isinstance(m, types.Message) and (not msg.max_id or m.id < msg.max_id)]
+        infos = sorted((message_info(m, msg.topic_id) for m in found), key=lambda i: i.id)
+        oldest = min((m.id for m in found), default=0)
+        more = len(getattr(res, "messages", ())) >= msg.limit and oldest > 1
+        return HistoryResult(tuple(infos), oldest if more else 0)

@@ -119,6 +119,25 @@ class DeleteMessages:
 
 
 @dataclass(frozen=True)
+class SearchMessages:
+    """messages.search in one channel (or one forum topic): one page, newest first.
+
+    Replied with a HistoryResult: ``messages`` ascending by id (only messages
+    whose id is below ``max_id`` when it is not 0), ``next_since_id`` = the
+    ``max_id`` of the next (older) page, 0 when there is none.  ``query`` is
+    matched by Telegram against the text/caption; ``documents_only`` adds
+    InputMessagesFilterDocument.
+    """
+
+    channel: ChannelRef
+    query: str
+    topic_id: int | None = None
+    documents_only: bool = False
+    max_id: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True)
 class Pause:
     pass
 
