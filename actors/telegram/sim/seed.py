@@ -4,13 +4,18 @@ Accounts: alice (regular), bob (Premium), carol (regular), each with a Telethon
 session file (mode 0600) in the sessions directory, plus a "publisher" account
 without a session that posts into the source channels.  Channels:
 
-- "Sim Source A" (@sim_source_a): one archive of every naming scheme (zip,
-  .zip.001/.002, .z01+.zip, .partN.rar, .r00+.rar, .7z.001/.002); alice, bob.
-- "Sim Source B" (@sim_source_b): the archive shared with A (posted again,
-  same bytes and name), another zip and some text posts; bob, carol.
-- "Sim Forum" (@sim_forum): forum with topics "Games" and "Software"; everyone.
+- "Sim Source A" (@sim_source_a): one archive of every naming scheme (zip with a
+  cover image inside, .zip.001/.002, .z01+.zip, .partN.rar, .rar+.rNN,
+  .7z.001/.002), a text document, deleted posts (holes: short pages); alice, bob.
+- "Sim Source B" (@sim_source_b): a forward of A's "shared-ebooks.zip" (same
+  document id), a photo, a zip, a 7z, an encrypted zip, a corrupt zip, an
+  incomplete .zip.00N set, texts and a deleted post; bob, carol.
+- "Sim Forum" (@sim_forum): forum with topics "Games" and "Software" (a
+  re-upload of "shared-ebooks.zip": same bytes, new document; a RAR with
+  encrypted headers); everyone.
 - "Stash Archive" (@stash_archive): the destination; all three are admins.
 
+What each archive set should become is ``samples.expected_sets()``.
 Seeding is idempotent: existing users, channels, topics and posts (by file
 name or text) are kept, and only missing session files are written.
 """
@@ -75,19 +80,11 @@ class _Seeder:
         b = self.channel("Sim Source B", SOURCE_B, members=[bob, carol], admins=[pub])
         forum = self.channel("Sim Forum", FORUM, forum=True, members=[alice, bob, carol], admins=[pub])
         dest = self.channel("Stash Archive", DESTINATION, members=[], admins=[alice, bob, carol])
-        shared = samples.shared_sample(self.scale)
-        for sample in samples.source_a_samples(self.scale) + [shared]:
-            self.document(a, pub, sample)
-        self.document(b, pub, shared)
-        for text in samples.source_b_texts():
-            self.text(b, pub, text)
-        for sample in samples.source_b_samples(self.scale):
-            self.document(b, pub, sample)
-        self.text(forum, pub, "Welcome to the Sim Forum: archives live in the topics.")
-        for title, topic_samples in samples.forum_topics(self.scale).items():
-            topic_id = self.topic(forum, title)
-            for sample in topic_samples:
-                self.document(forum, pub, sample, topic_id=topic_id)
+        channels = {SOURCE_A: a, SOURCE_B: b, FORUM: forum}
+        topics = {title: self.topic(forum, title) for title in samples.forum_topic_titles()}
+        for username, posts in samples.channel_posts(self.scale).items():
+            for post in posts:
+                self.post(channels[username], pub, post, topics.get(post.topic), channels)
         summary = {
             "sessions_dir": str(self.sessions_dir.resolve()),
             "accounts": [{"name": u.username, "user_id": ids[u.username], "premium": u.premium,
@@ -164,13 +161,41 @@ class _Seeder:
             return
         self.created["messages"] += 1
         self.world.post_document(channel_id, sender_id, sample.file_name, sample.data,
-                                 caption=sample.caption, topic_id=topic_id)
+                                 caption=sample.caption, topic_id=topic_id, mime_type=sample.mime_type)
 
-    def text(self, channel_id: int, sender_id: int, text: str) -> None:
+    def text(self, channel_id: int, sender_id: int, text: str, *, topic_id: int | None = None) -> int | None:
         if self._posted(channel_id, text=text):
-            return
+            return None
         self.created["messages"] += 1
-        self.world.post_text(channel_id, sender_id, text)
+        return self.world.post_text(channel_id, sender_id, text, topic_id=topic_id)
+
+    def post(self, channel_id: int, sender_id: int, post: samples.Post, topic_id: int | None,
+             channels: dict[str, int]) -> None:
+        if post.kind in ("document", "photo"):
+            self.document(channel_id, sender_id, post.sample, topic_id=topic_id)
+        elif post.kind == "text":
+            self.text(channel_id, sender_id, post.text, topic_id=topic_id)
+        elif post.kind == "deleted":
+            msg_id = self.text(channel_id, sender_id, post.text, topic_id=topic_id)
+            if msg_id is not None:
+                self.world.delete_messages(channel_id, [msg_id])
+        elif post.kind == "forward":
+            self.forward(channel_id, sender_id, channels[post.forward_of], post.sample, topic_id=topic_id)
+        else:
+            raise ValueError(f"unknown post kind {post.kind!r}")
+
+    def forward(self, channel_id: int, sender_id: int, from_channel_id: int, sample: samples.Sample, *,
+                topic_id: int | None = None) -> None:
+        """Post the document ``sample`` has in ``from_channel_id`` again: the same document id."""
+        if self._posted(channel_id, file_name=sample.file_name):
+            return
+        self.snapshot = self.world.inspect()  # the original may have been posted in this run
+        original = self._find("messages", channel_id=from_channel_id, file_name=sample.file_name)
+        if original is None:
+            raise LookupError(f"nothing to forward: {sample.file_name} is not in channel {from_channel_id}")
+        self.created["messages"] += 1
+        repost_document(self.world, channel_id, sender_id, int(original["document"]["id"]),
+                        caption=original.get("text") or "", topic_id=topic_id)
 
 
 def _value(record: dict, key: str) -> Any:
@@ -182,3 +207,19 @@ def _value(record: dict, key: str) -> Any:
 
 def _norm(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+def repost_document(world: Any, channel_id: int, sender_id: int | None, document_id: int, *,
+                    caption: str = "", topic_id: int | None = None) -> int:
+    """A new message in ``channel_id`` carrying an existing document (what a forward is
+    to a reader: another message, the same document id). Uses the world's own
+    ``post_existing_document`` when it has one, else its state directly."""
+    method = getattr(world, "post_existing_document", None)
+    if method is not None:
+        return int(method(channel_id, sender_id, document_id, caption=caption, topic_id=topic_id))
+    with world._lock, world._state.transaction():
+        world._check_post(channel_id, topic_id)
+        if world._state.document(document_id) is None:
+            raise LookupError(f"no document {document_id}")
+        return world._state.insert_message(channel_id, date=world.clock(), sender_id=sender_id,
+                                           text=caption, topic_id=topic_id, document_id=document_id)
