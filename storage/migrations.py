@@ -60,6 +60,37 @@ class MigrationConnection:
 
 Step = Union[str, Callable[[MigrationConnection], None]]
 
+
+def _create_package_meta(conn: MigrationConnection) -> None:
+    """Migration 4: per-package metadata; the preview is BLOB / BYTEA."""
+    blob = "BYTEA" if conn.dialect == "postgres" else "BLOB"
+    conn.execute(f"""CREATE TABLE package_meta (
+            sha256 TEXT NOT NULL PRIMARY KEY,
+            transfer_id TEXT NOT NULL,
+            archive_format TEXT,
+            index_state TEXT NOT NULL CHECK (index_state IN ('pending', 'ok',
+                'encrypted', 'corrupt', 'unreadable')),
+            index_reason TEXT,
+            entry_count INTEGER NOT NULL,
+            preview {blob},
+            preview_path TEXT,
+            preview_name TEXT,
+            creator TEXT,
+            tags TEXT NOT NULL,
+            source_channel_id BIGINT,
+            source_topic_id BIGINT,
+            source_message_id BIGINT,
+            attempts INTEGER NOT NULL,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            indexed_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""")
+    conn.execute("CREATE INDEX package_meta_state ON package_meta (index_state)")
+    conn.execute("CREATE INDEX package_meta_transfer ON package_meta (transfer_id)")
+
+
 MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     # 1: accounts and their remembered FloodWaits
     (
@@ -163,6 +194,124 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             created_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE INDEX packages_transfer ON packages (transfer_id)",
+    ),
+    # 4: ingest from source channels (issue 5): scan cursors, source messages,
+    # ingested document ids, archive sets, skips, runs, the download journal,
+    # and the phase-2 index of packages (entries + metadata)
+    (
+        """CREATE TABLE ingest_cursors (
+            account TEXT NOT NULL,
+            channel_id BIGINT NOT NULL,
+            topic_id BIGINT NOT NULL,
+            last_message_id BIGINT NOT NULL,
+            last_scan_at DOUBLE PRECISION,
+            stalled BOOLEAN NOT NULL,
+            stalled_reason TEXT,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, channel_id, topic_id)
+        )""",
+        """CREATE TABLE archive_sets (
+            set_key TEXT NOT NULL PRIMARY KEY,
+            channel_id BIGINT NOT NULL,
+            topic_id BIGINT NOT NULL,
+            base_name TEXT NOT NULL,
+            archive_format TEXT NOT NULL,
+            scheme TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('waiting', 'ready', 'downloading',
+                'uploading', 'ingested', 'skipped', 'failed')),
+            expected_parts INTEGER,
+            seen_parts INTEGER NOT NULL,
+            complete BOOLEAN NOT NULL,
+            total_size BIGINT NOT NULL,
+            sha256 TEXT,
+            transfer_id TEXT,
+            reason TEXT,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX archive_sets_state ON archive_sets (state, updated_at)",
+        """CREATE TABLE source_messages (
+            channel_id BIGINT NOT NULL,
+            message_id BIGINT NOT NULL,
+            topic_id BIGINT NOT NULL,
+            account TEXT NOT NULL,
+            document_id BIGINT,
+            file_name TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            posted_at DOUBLE PRECISION,
+            set_key TEXT,
+            part_number INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'ingested', 'skipped')),
+            reason TEXT,
+            transfer_id TEXT,
+            run_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (channel_id, message_id)
+        )""",
+        "CREATE INDEX source_messages_set ON source_messages (set_key, part_number)",
+        "CREATE INDEX source_messages_document ON source_messages (document_id)",
+        "CREATE INDEX source_messages_status ON source_messages (status, channel_id)",
+        """CREATE TABLE ingested_documents (
+            document_id BIGINT NOT NULL PRIMARY KEY,
+            channel_id BIGINT NOT NULL,
+            message_id BIGINT NOT NULL,
+            set_key TEXT,
+            transfer_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE ingest_skips (
+            channel_id BIGINT NOT NULL,
+            message_id BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT,
+            set_key TEXT,
+            run_id TEXT,
+            account TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (channel_id, message_id)
+        )""",
+        "CREATE INDEX ingest_skips_reason ON ingest_skips (reason)",
+        """CREATE TABLE ingest_runs (
+            id TEXT NOT NULL PRIMARY KEY,
+            mapping TEXT NOT NULL,
+            channel_id BIGINT NOT NULL,
+            topic_id BIGINT NOT NULL,
+            account TEXT NOT NULL,
+            owner TEXT,
+            state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'failed',
+                'interrupted')),
+            started_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION,
+            updated_at DOUBLE PRECISION NOT NULL,
+            seen INTEGER NOT NULL,
+            ingested INTEGER NOT NULL,
+            skipped INTEGER NOT NULL,
+            skipped_by_reason TEXT NOT NULL,
+            bytes_downloaded BIGINT NOT NULL,
+            progress TEXT,
+            error TEXT
+        )""",
+        "CREATE INDEX ingest_runs_started ON ingest_runs (started_at)",
+        "CREATE INDEX ingest_runs_state ON ingest_runs (state)",
+        """CREATE TABLE download_journal (
+            path TEXT NOT NULL,
+            chunk_index INTEGER NOT NULL,
+            done_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (path, chunk_index)
+        )""",
+        _create_package_meta,
+        """CREATE TABLE package_entries (
+            sha256 TEXT NOT NULL,
+            entry_index INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            crc BIGINT,
+            is_dir BOOLEAN NOT NULL,
+            PRIMARY KEY (sha256, entry_index)
+        )""",
     ),
 )
 

@@ -116,8 +116,147 @@ def define_entities(db: Database) -> SimpleNamespace:
         destination = Required(str)
         created_at = Required(float)
 
+    # -- migration 4: ingest from source channels (queries in storage.ingest) --
+
+    class IngestCursor(db.Entity):
+        _table_ = "ingest_cursors"
+        account = Required(str)
+        channel_id = Required(int, size=64)
+        topic_id = Required(int, size=64)  # 0: the whole channel
+        last_message_id = Required(int, size=64)
+        last_scan_at = Optional(float)
+        stalled = Required(bool)
+        stalled_reason = Optional(str, nullable=True)
+        updated_at = Required(float)
+        PrimaryKey(account, channel_id, topic_id)
+
+    class ArchiveSet(db.Entity):
+        _table_ = "archive_sets"
+        set_key = PrimaryKey(str)
+        channel_id = Required(int, size=64)
+        topic_id = Required(int, size=64)
+        base_name = Required(str)
+        archive_format = Required(str)
+        scheme = Required(str)
+        state = Required(str)
+        expected_parts = Optional(int)
+        seen_parts = Required(int)
+        complete = Required(bool)
+        total_size = Required(int, size=64)
+        sha256 = Optional(str, nullable=True)
+        transfer_id = Optional(str, nullable=True)
+        reason = Optional(str, nullable=True)
+        lease_owner = Optional(str, nullable=True)
+        lease_until = Optional(float)
+        created_at = Required(float)
+        updated_at = Required(float)
+
+    class SourceMessage(db.Entity):
+        _table_ = "source_messages"
+        channel_id = Required(int, size=64)
+        message_id = Required(int, size=64)
+        topic_id = Required(int, size=64)
+        account = Required(str)
+        document_id = Optional(int, size=64)
+        file_name = Optional(str)  # NOT NULL; "" when the document has no name
+        size = Required(int, size=64)
+        posted_at = Optional(float)
+        set_key = Optional(str, nullable=True)
+        part_number = Optional(int)
+        status = Required(str)
+        reason = Optional(str, nullable=True)
+        transfer_id = Optional(str, nullable=True)
+        run_id = Optional(str, nullable=True)
+        created_at = Required(float)
+        updated_at = Required(float)
+        PrimaryKey(channel_id, message_id)
+
+    class IngestedDocument(db.Entity):
+        _table_ = "ingested_documents"
+        document_id = PrimaryKey(int, size=64, auto=False)
+        channel_id = Required(int, size=64)
+        message_id = Required(int, size=64)
+        set_key = Optional(str, nullable=True)
+        transfer_id = Optional(str, nullable=True)
+        created_at = Required(float)
+
+    class IngestSkip(db.Entity):
+        _table_ = "ingest_skips"
+        channel_id = Required(int, size=64)
+        message_id = Required(int, size=64)
+        reason = Required(str)
+        detail = Optional(str, nullable=True)
+        set_key = Optional(str, nullable=True)
+        run_id = Optional(str, nullable=True)
+        account = Optional(str, nullable=True)
+        created_at = Required(float)
+        PrimaryKey(channel_id, message_id)
+
+    class IngestRun(db.Entity):
+        _table_ = "ingest_runs"
+        id = PrimaryKey(str)
+        mapping = Required(str)
+        channel_id = Required(int, size=64)
+        topic_id = Required(int, size=64)
+        account = Required(str)
+        owner = Optional(str, nullable=True)
+        state = Required(str)
+        started_at = Required(float)
+        finished_at = Optional(float)
+        updated_at = Required(float)
+        seen = Required(int)
+        ingested = Required(int)
+        skipped = Required(int)
+        skipped_by_reason = Required(str)  # JSON object reason -> count
+        bytes_downloaded = Required(int, size=64)
+        progress = Optional(str, nullable=True)
+        error = Optional(str, nullable=True)
+
+    class DownloadChunk(db.Entity):
+        _table_ = "download_journal"
+        path = Required(str)
+        chunk_index = Required(int)
+        done_at = Required(float)
+        PrimaryKey(path, chunk_index)
+
+    class PackageMeta(db.Entity):
+        _table_ = "package_meta"
+        sha256 = PrimaryKey(str)
+        transfer_id = Required(str)
+        archive_format = Optional(str, nullable=True)
+        index_state = Required(str)
+        index_reason = Optional(str, nullable=True)
+        entry_count = Required(int)
+        preview = Optional(bytes, nullable=True)
+        preview_path = Optional(str, nullable=True)
+        preview_name = Optional(str, nullable=True)
+        creator = Optional(str, nullable=True)
+        tags = Optional(str)  # NOT NULL; JSON list
+        source_channel_id = Optional(int, size=64)
+        source_topic_id = Optional(int, size=64)
+        source_message_id = Optional(int, size=64)
+        attempts = Required(int)
+        lease_owner = Optional(str, nullable=True)
+        lease_until = Optional(float)
+        indexed_at = Optional(float)
+        created_at = Required(float)
+        updated_at = Required(float)
+
+    class PackageEntry(db.Entity):
+        _table_ = "package_entries"
+        sha256 = Required(str)
+        entry_index = Required(int)
+        path = Required(str)
+        size = Required(int, size=64)
+        crc = Optional(int, size=64)
+        is_dir = Required(bool)
+        PrimaryKey(sha256, entry_index)
+
     return SimpleNamespace(
         Account=Account, FloodWait=FloodWait, Channel=Channel, ChannelSeenBy=ChannelSeenBy,
         Transfer=Transfer, TransferPart=TransferPart, PartJournal=PartJournal,
         ContentClaim=ContentClaim, Package=Package,
+        IngestCursor=IngestCursor, ArchiveSet=ArchiveSet, SourceMessage=SourceMessage,
+        IngestedDocument=IngestedDocument, IngestSkip=IngestSkip, IngestRun=IngestRun,
+        DownloadChunk=DownloadChunk, PackageMeta=PackageMeta, PackageEntry=PackageEntry,
     )

@@ -12,6 +12,7 @@ from typing import Callable
 from pony.orm import Database, select
 
 from storage.errors import StorageError
+from storage.ingest import IngestStore
 from storage.records import ACCOUNT_STATES, AccountRecord, ChannelRecord, FloodWaitRecord
 from storage.redact import redact_phone
 from storage.session import run_in_session
@@ -39,10 +40,11 @@ def _check_state(state: str) -> None:
         raise ValueError(f"unknown account state {state!r}; expected one of {ACCOUNT_STATES}")
 
 
-class Storage(TransferStore):
+class Storage(TransferStore, IngestStore):
     """Repository over one database. Build it with ``storage.open_storage``.
 
-    Transfer methods (issue 3/4) come from storage.transfers.TransferStore.
+    Transfer methods (issue 3/4) come from storage.transfers.TransferStore,
+    ingest methods (issue 5) from storage.ingest.IngestStore.
     """
 
     def __init__(
