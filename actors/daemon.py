@@ -44,8 +44,10 @@ UPLOADER_PREFIX = "uploader:"
 BUDGET, DISPATCHER, INBOX = "budget", "dispatcher", "inbox"
 ASK_TIMEOUT = 10.0
 VERIFIER = "verifier"
-VERIFY_STATES = ("uploaded", "verifying", "verified")
-"""What ``stashctl verify`` can make due (the verifier's claim states)."""
+VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")
+"""What ``stashctl verify`` can check (storage.transfers.VERIFY_STATES: cleaned ones too,
+a lost message is reported)."""
+VERIFY_ASK_TIMEOUT = 60.0
 VERIFY_ALL_LIMIT = 1_000_000
 VERIFY_SHOWN = 100
 TICK_SECONDS = 0.5
@@ -729,14 +731,16 @@ class Daemon:
         return t
 
     def _cmd_verify(self, args: dict) -> dict:
-        """Check now: one transfer, every due one (no id), or every checkable one (``all``)."""
+        """Check now: one transfer (asked, the outcome returned), every due one (no id), or
+        every checkable one (``all``); the last two only wake the verifier."""
+        from actors import verifier_messages as vm
         from actors.admin.server import AdminCommandError
 
         t = self._transfer_arg("verify", args, required=False)
         ref = self._refs.get(VERIFIER)
         if ref is None or not ref.is_alive():
-            raise AdminCommandError("the verifier is not running (no upload.roots configured, or it is "
-                                    "restarting)", code="not_running")
+            raise AdminCommandError("the verifier is not running (no upload pipeline configured, "
+                                    "[verify] enabled = false, or it is restarting)", code="not_running")
         now = self.clock()
         if t is not None:
             if t.state not in VERIFY_STATES:
@@ -744,41 +748,34 @@ class Daemon:
                 raise AdminCommandError(
                     f"verify: transfer {t.id} is {t.state}; only {', '.join(VERIFY_STATES)} transfers "
                     f"are checked{hint}", code="bad_state")
-            records = [self._make_due(t, now)]
-        elif args.get("all"):
-            records = [self._make_due(r, now) for state in VERIFY_STATES
-                       for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)]
+            try:
+                result = ref.ask(vm.VerifyNow(t.id), timeout=VERIFY_ASK_TIMEOUT)
+            except pykka.Timeout as exc:
+                raise AdminCommandError(f"verify: no answer from the verifier within "
+                                        f"{VERIFY_ASK_TIMEOUT:g}s", code="timeout") from exc
+            after = self.storage.get_transfer(t.id) or t
+            return {"scheduled": result.scheduled, "requested_at": now,
+                    "outcomes": [o.to_dict() for o in result.outcomes],
+                    "transfer": self.transfer_view(after, with_parts=True)}
+        if args.get("all"):  # due now, then the verifier runs its passes
+            scheduled = self.storage.schedule_check(None, at=now, states=VERIFY_STATES)
         else:
-            records = [r for state in VERIFY_STATES
-                       for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)
-                       if r.next_check_at is not None and r.next_check_at <= now]
-        records = [r for r in records if r is not None]
+            scheduled = self.storage.count_due_checks(VERIFY_STATES)
+        records = [r for state in VERIFY_STATES
+                   for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)
+                   if r.next_check_at is not None and r.next_check_at <= now]
         records.sort(key=lambda r: (r.next_check_at or 0.0, r.created_at))
-        self._tell_verifier()
+        try:
+            ref.tell(vm.Tick())
+        except pykka.ActorDeadError as exc:
+            raise AdminCommandError("the verifier is restarting; try again", code="not_running") from exc
         shown = []
         for r in records[:VERIFY_SHOWN]:
             parts = self.storage.list_parts(r.id)
             shown.append({"id": r.id, "state": r.state, "source_path": r.source_path,
                           "last_check_at": r.last_check_at, "next_check_at": r.next_check_at,
                           "misses": sum(p.misses for p in parts)})
-        return {"scheduled": len(records), "requested_at": now, "transfers": shown}
-
-    def _make_due(self, t, now: float):
-        """next_check_at = now, keeping the state (compare-and-set; re-read on a race)."""
-        from storage.transfers import TransferStateError
-
-        for _ in range(3):
-            if t.state not in VERIFY_STATES:
-                return None
-            if t.next_check_at is not None and t.next_check_at <= now:
-                return t
-            try:
-                return self.storage.set_transfer_state(t.id, t.state, expected=t.state, next_check_at=now)
-            except TransferStateError:
-                t = self.storage.get_transfer(t.id)
-                if t is None:
-                    return None
-        return None
+        return {"scheduled": scheduled, "requested_at": now, "transfers": shown}
 
     def _tell_verifier(self) -> None:
         ref = self._refs.get(VERIFIER)

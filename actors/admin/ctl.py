@@ -5,7 +5,7 @@
 Commands: status, accounts, pause ACCOUNT, resume ACCOUNT, shutdown,
 upload PATH... [--dest CHANNEL] [--caption TEXT] [--delete-original] [--wait],
 transfers [--state S] [--limit N], transfer ID, budget,
-verify [TRANSFER | --all] [--wait], retry TRANSFER.
+verify [TRANSFER | --all], retry TRANSFER.
 
 Exit codes: 0 ok, 1 the command failed (or an awaited upload failed), 2 usage
 error, 3 daemon not reachable, 130 interrupted (Ctrl-C; nothing is cancelled).
@@ -99,14 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default 100)")
     command("transfer", "one transfer in detail, with its parts").add_argument("id", metavar="ID")
     command("budget", "upload budget: bytes in flight, slots, waiters, per-account quotas")
-    ve = command("verify", "check uploaded transfers now: one (TRANSFER), every due one (no "
-                 "argument), or every uploaded/verified one (--all)")
+    ve = command("verify", "check uploaded transfers now: one (TRANSFER; waits for the outcome, "
+                 "exit 1 unless every part is there), every due one (no argument), or every "
+                 "uploaded/verified/cleaned one (--all)")
     ve.add_argument("id", nargs="?", metavar="TRANSFER", help="the transfer to check now")
     ve.add_argument("--all", action="store_true",
-                    help="make every uploaded, verifying and verified transfer due now")
-    ve.add_argument("--wait", action="store_true",
-                    help="with TRANSFER: wait for the check and show its outcome (exit 1 if a part "
-                    "is missing or the transfer failed)")
+                    help="make every uploaded, verifying, verified and cleaned transfer due now")
     command("retry", "put a failed transfer back into the pipeline (upload what is missing, "
             "then verify)").add_argument("id", metavar="TRANSFER")
     return parser
@@ -127,8 +125,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"one of {', '.join(TRANSFER_STATES)}")
     if ns.cmd == "verify" and ns.id and ns.all:
         parser.error("verify: give a TRANSFER or --all, not both")
-    if ns.cmd == "verify" and ns.wait and not ns.id:
-        parser.error("verify: --wait needs a TRANSFER")
     return ns
 
 
@@ -510,19 +506,31 @@ def format_verify(result: Any, now: float) -> str:
     return text
 
 
-def check_outcome(t: dict) -> tuple[bool, str]:
-    """(ok, one line) for a transfer after a check ``verify --wait`` waited for."""
-    state = t.get("state")
-    parts = [p for p in t.get("parts") or [] if isinstance(p, dict)]
-    missing = [p for p in parts if p.get("message_id") is None or p.get("verified_at") is None]
-    if state == "failed":
-        return False, f"failed: {t.get('reason') or 'no reason given'}"
-    if state in ("verified", "cleaned") and not missing:
-        return True, f"{state}: all {len(parts)} part(s) present"
-    if state in ("uploading", "planned") or missing:
-        return False, (f"{len(missing)} of {len(parts)} part(s) missing: being uploaded again "
-                       f"(attempt {t.get('attempts', '-')})")
-    return True, f"{state}"
+CHECK_OK = frozenset({"verified", "cleaned", "following", "skipped"})
+"""Outcomes of ``verify TRANSFER`` that exit 0 (skipped: another verifier holds it)."""
+
+
+def format_check(result: Any, now: float) -> str:
+    """``verify TRANSFER``: the transfer after its check, then one line per outcome."""
+    lines = []
+    for o in result.get("outcomes") or []:
+        if not isinstance(o, dict):
+            continue
+        missing = o.get("missing") or []
+        text = f"check: {o.get('result')}"
+        if missing:
+            text += f", part(s) {', '.join(str(i) for i in missing)} missing"
+        if o.get("detail"):
+            text += f": {o['detail']}"
+        lines.append(text)
+    if not lines:
+        lines.append("check: nothing checked (not due, or another verifier holds it)")
+    return format_transfer(result.get("transfer"), now) + "\n\n" + "\n".join(lines)
+
+
+def check_ok(result: Any) -> bool:
+    outcomes = result.get("outcomes") if isinstance(result, dict) else None
+    return bool(outcomes) and all(isinstance(o, dict) and o.get("result") in CHECK_OK for o in outcomes)
 
 
 def format_retry(result: Any, now: float) -> str:
@@ -534,26 +542,18 @@ def format_retry(result: Any, now: float) -> str:
             + (f" (it had failed: {was})" if was else ""))
 
 
-def run_verify(client: AdminClient, ns: argparse.Namespace, stdout: TextIO, stderr: TextIO, *,
-               sleep: Callable[[float], None]) -> int:
-    """``verify``; with ``--wait`` poll the transfer until a check after the request is recorded."""
+def run_verify(client: AdminClient, ns: argparse.Namespace, stdout: TextIO) -> int:
+    """``verify``: with a TRANSFER the daemon answers after the check; exit 1 unless it passed."""
     result = client.call("verify", command_args(ns))
-    if not ns.wait:
+    if not ns.id:
         print(render("verify", result, as_json=ns.json, now=time.time()), file=stdout)
         return EXIT_OK
-    asked = result.get("requested_at") if isinstance(result, dict) else None
-    while True:
-        t = client.call("transfer", {"id": ns.id})
-        last = t.get("last_check_at")
-        checked = isinstance(last, (int, float)) and isinstance(asked, (int, float)) and last >= asked
-        if checked or t.get("state") == "failed" or not isinstance(asked, (int, float)):
-            break
-        sleep(0.2)
-    ok, line = check_outcome(t)
-    print(render("transfer", t, as_json=ns.json, now=time.time()), file=stdout)
-    if not ns.json:
-        print(f"\ncheck: {line}", file=stdout)
-    return EXIT_OK if ok else EXIT_FAILED
+    if ns.json:
+        print(render("verify", result, as_json=True, now=time.time()), file=stdout)
+    else:
+        print(format_check(result, time.time()) if isinstance(result, dict) else format_generic(result),
+              file=stdout)
+    return EXIT_OK if check_ok(result) else EXIT_FAILED
 
 
 FORMATTERS: dict[str, Callable[[Any, float], str]] = {
@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
             if ns.cmd == "upload":
                 return run_upload(client, ns, stdout, stderr, sleep=sleep, clock=clock)
             if ns.cmd == "verify":
-                return run_verify(client, ns, stdout, stderr, sleep=sleep)
+                return run_verify(client, ns, stdout)
             result = client.call(ns.cmd, command_args(ns))
     except AdminUnreachableError as exc:
         print(f"stashctl: {exc}", file=stderr)
