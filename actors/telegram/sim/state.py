@@ -186,16 +186,26 @@ class SimState:
     def doc_path(self, doc_id: int) -> Path:
         return self.docs_dir / str(doc_id)
 
-    def part_path(self, owner_id: int, file_id: int, part: int) -> Path:
-        return self.parts_dir / str(owner_id) / str(file_id) / str(part)
+    # Uploaded parts of one (owner, file_id) live in ONE sparse file, part i at
+    # i * PART_SLOT (the largest part Telegram takes), plus a row per part in
+    # ``parts`` (its size and age: expiry, FILE_PART_X_MISSING, size checks).
+    # Parts of 512 KiB, as every big upload sends them, are then already laid
+    # out as the document: sendMedia hard-links the file instead of copying.
+    PART_SLOT = 512 * 1024
+
+    def upload_path(self, owner_id: int, file_id: int) -> Path:
+        return self.parts_dir / f"{owner_id}_{signed64(file_id)}"
 
     def save_part(self, owner_id: int, file_id: int, part: int, total: int,
                   data: bytes, now: float) -> None:
-        path = self.part_path(owner_id, file_id, part)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        fd = os.open(self.upload_path(owner_id, file_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view, offset = memoryview(data), part * self.PART_SLOT
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(fd)
         self.run(
             "INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size, created)"
             " VALUES(?,?,?,?,?,?)",
@@ -211,19 +221,17 @@ class SimState:
 
     def drop_parts(self, owner_id: int, file_id: int) -> None:
         self.run("DELETE FROM parts WHERE owner_id=? AND file_id=?", owner_id, signed64(file_id))
-        shutil.rmtree(self.parts_dir / str(owner_id) / str(file_id), ignore_errors=True)
+        self.upload_path(owner_id, file_id).unlink(missing_ok=True)
 
     def prune_parts(self, older_than: float) -> int:
+        """Forget parts older than ``older_than``; an upload left with no part loses its file."""
         rows = self.all(
             "SELECT DISTINCT owner_id, file_id FROM parts WHERE created<?", older_than
         )
-        for row in rows:
-            for part in self.all(
-                "SELECT part FROM parts WHERE owner_id=? AND file_id=? AND created<?",
-                row[0], row[1], older_than,
-            ):
-                self.part_path(row[0], row[1], part[0]).unlink(missing_ok=True)
         self.run("DELETE FROM parts WHERE created<?", older_than)
+        for row in rows:
+            if self.one("SELECT 1 FROM parts WHERE owner_id=? AND file_id=? LIMIT 1", row[0], row[1]) is None:
+                self.upload_path(row[0], row[1]).unlink(missing_ok=True)
         return len(rows)
 
 

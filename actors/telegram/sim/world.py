@@ -73,6 +73,7 @@ class SimWorld:
         self._state = SimState(self.state_dir)
         self._faults = FaultSet(self._state, seed)
         self._after: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []
         self._saves = 0
 
     def close(self) -> None:
@@ -91,13 +92,15 @@ class SimWorld:
             user_id = self._state.user_for_key(auth_key_id)
             self._faults.raise_for(name, user_id)
             ctx = Ctx(self, self._state, auth_key_id, user_id, self.clock())
-            self._after = []
+            self._after, self._undo = [], []
             try:
                 with self._state.transaction():
                     result = handle(ctx, obj)
             except SimRpcError:
+                self._run_undo()
                 raise
             except Exception as exc:  # a bug in the simulation: loud log, clean 400 (never a hang)
+                self._run_undo()
                 logger.opt(exception=exc).bind(actor="sim").error("simulated {} failed", name)
                 raise SimRpcError(400, "SIM_INTERNAL_ERROR") from exc
             after, self._after = self._after, []
@@ -107,6 +110,15 @@ class SimWorld:
 
     def after_commit(self, action: Callable[[], None]) -> None:
         self._after.append(action)
+
+    def on_rollback(self, action: Callable[[], None]) -> None:
+        """Undo a file effect of the current request if its transaction rolls back."""
+        self._undo.append(action)
+
+    def _run_undo(self) -> None:
+        undo, self._undo = self._undo, []
+        for action in reversed(undo):
+            action()
 
     def user_for_key(self, auth_key_id: int) -> int | None:
         with self._lock:
