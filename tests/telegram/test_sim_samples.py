@@ -177,3 +177,48 @@ def test_seeded_bytes_match_the_expected_sets(tmp_path):
             assert digest.hexdigest() == x.sha256, x.name
     finally:
         world.close()
+
+
+def test_pages_around_deleted_posts_are_short_but_history_goes_on(tmp_path):
+    import asyncio
+
+    from telethon.tl import functions, types
+
+    from actors.telegram.sim.client import make_sim_client
+    from actors.telegram.sim.local import LocalTransport
+
+    world = SimWorld(tmp_path / "world", clock=lambda: 1_700_000_000.0)
+    try:
+        seed_world(world, tmp_path / "sessions")
+        snapshot = world.inspect()
+        source_a = next(c["id"] for c in snapshot["channels"] if c["username"] == "sim_source_a")
+        live = sorted((m["id"] for m in snapshot["messages"]
+                       if m["channel_id"] == source_a and not m["deleted"]), reverse=True)
+
+        async def pages():
+            client = make_sim_client(str(tmp_path / "sessions" / "alice.session"),
+                                     lambda: LocalTransport(world), flood_sleep_threshold=0)
+            await client.connect()
+            try:
+                peer = await client.get_input_entity("sim_source_a")
+                sizes, offset, seen = [], 0, []
+                while True:
+                    r = await client(functions.messages.GetHistoryRequest(
+                        peer=peer, offset_id=offset, offset_date=None, add_offset=0, limit=5,
+                        max_id=0, min_id=0, hash=0))
+                    assert r.count == len(live)
+                    if not r.messages:
+                        break
+                    sizes.append(len(r.messages))
+                    seen += [m.id for m in r.messages if not isinstance(m, types.MessageEmpty)]
+                    offset = r.messages[-1].id
+                via_telethon = [m.id async for m in client.iter_messages("sim_source_a", limit=None)]
+                return sizes, seen, via_telethon
+            finally:
+                await client.disconnect()
+
+        sizes, seen, via_telethon = asyncio.run(pages())
+    finally:
+        world.close()
+    assert any(n < 5 for n in sizes[:-1])  # a short page that is not the end
+    assert seen == live and via_telethon == live

@@ -81,12 +81,17 @@ def get_dialogs(ctx: Ctx, req):
 
 def _slice(ctx: Ctx, channel_id: int, where: str, args: tuple, req):
     """Telegram's offset_id/offset_date/add_offset/limit/min_id/max_id window over
-    live messages sorted newest first."""
+    messages sorted newest first.
+
+    As on Telegram, the window is taken over message ids, deleted ones included,
+    and deleted messages are then left out: a page around deleted messages is
+    short (fewer than ``limit``) although older history follows."""
     limit = min(max(req.limit, 0), PAGE_LIMIT)  # limit=0: only the count, as Telegram does
     rows = ctx.state.all(
-        f"SELECT * FROM messages WHERE channel_id=? AND deleted=0 {where} ORDER BY id DESC",
+        f"SELECT * FROM messages WHERE channel_id=? {where} ORDER BY id DESC",
         channel_id, *args,
     )
+    live = sum(1 for r in rows if not r["deleted"])
     offset_date = getattr(req, "offset_date", None) or getattr(req, "max_date", None)
     if req.offset_id:
         position = sum(1 for r in rows if r["id"] >= req.offset_id)
@@ -98,10 +103,10 @@ def _slice(ctx: Ctx, channel_id: int, where: str, args: tuple, req):
     start = max(0, position + req.add_offset)
     end = max(0, position + req.add_offset + limit)
     window = rows[start:end]
-    window = [r for r in window
-              if (not req.min_id or r["id"] > req.min_id) and (not req.max_id or r["id"] < req.max_id)]
+    window = [r for r in window if not r["deleted"]
+              and (not req.min_id or r["id"] > req.min_id) and (not req.max_id or r["id"] < req.max_id)]
     messages = [tl_message(ctx, channel_id, r) for r in window]
-    return _channel_messages(ctx, channel_id, messages, len(rows))
+    return _channel_messages(ctx, channel_id, messages, live)
 
 
 def get_history(ctx: Ctx, req):
