@@ -11,8 +11,11 @@ to one AccountActor; the Telegram client is never touched here).
   before its request is sent until its bytes are hashed; the lease is the
   only buffer accounting there is.
 - **Written where it belongs.** A chunk is written at its offset into the
-  staged file (preallocated, sparse) as soon as it arrives, then recorded in
-  the :class:`ChunkJournal` (a sidecar file ``<staged>.chunks``).
+  staged file (preallocated, sparse) as soon as it arrives; every 16 chunks
+  (and when the download ends, also by an error) the file is fdatasync'ed and
+  then those chunks are recorded in the :class:`ChunkJournal` (a sidecar file
+  ``<staged>.chunks``): a journaled chunk is on disk, a crash loses at most
+  the unsynced ones (downloaded again).
 - **Streamed sha256.** Chunks are hashed in file order while downloading: a
   chunk that arrives early waits (in memory, under its lease, holding its
   window slot) until the prefix before it is hashed.  No second pass over the
@@ -64,6 +67,7 @@ _MAGIC = b"SJ1\n"
 _HEADER = struct.Struct("<qqI")  # document id, size, chunk size
 _RECORD = struct.Struct("<I")
 _DONE = 0xFFFFFFFF
+JOURNAL_BATCH = 16  # chunks written between two fdatasync + journal appends
 _REFERENCE_ERRORS = ("FILE_REFERENCE_EXPIRED", "FILE_REFERENCE_INVALID")
 
 log = logger.bind(actor="download")
@@ -323,6 +327,7 @@ class _Run:
         self.ready: dict[int, tuple[bytes, Any]] = {}
         self.downloaded = 0
         self.slots = asyncio.Semaphore(window)
+        self.unsynced: list[int] = []
         self._refreshing: asyncio.Future | None = None
 
     def length(self, index: int) -> int:
@@ -359,6 +364,7 @@ class _Run:
             for _data, lease in self.ready.values():
                 self._release(lease)
             self.ready.clear()
+            self.sync()
         if failure:
             raise failure[0]
         self._advance()  # journaled chunks after the last fetched one
@@ -390,12 +396,22 @@ class _Run:
             if self.on_progress is not None:
                 self.on_progress(len(data))
             _pwrite_all(self.fd, data, offset)
-            self.journal.record(index)
+            self.unsynced.append(index)
+            if len(self.unsynced) >= JOURNAL_BATCH:
+                self.sync()
         except BaseException:
             self._release(lease)
             raise
         self.ready[index] = (data, lease)
         self._advance()
+
+    def sync(self) -> None:
+        """Journal the chunks written since the last sync, after their bytes are on disk."""
+        if self.unsynced:
+            os.fdatasync(self.fd)
+            for index in self.unsynced:
+                self.journal.record(index)
+            self.unsynced.clear()
 
     def _advance(self) -> None:
         """Hash every chunk the prefix now reaches; free their leases and slots."""
@@ -406,7 +422,7 @@ class _Run:
                 self._feed(data)
                 self._release(lease)
                 self.slots.release()
-            elif index in self.journal.chunks:  # on disk from an earlier attempt
+            elif index in self.journal.chunks or index in self.unsynced:  # on disk already
                 self._hash_from_disk(index, index + 1)
             else:
                 return
