@@ -30,7 +30,7 @@ def test_every_naming_scheme_and_every_outcome_is_seeded():
     assert {x.scheme for x in sets} == SCHEMES
     outcomes = {(x.expect, x.reason) for x in sets}
     assert outcomes == {("ingest", ""), ("ingest", "encrypted"), ("ingest", "corrupt"),
-                        ("skip", "duplicate"), ("skip", "incomplete")}
+                        ("skip", "duplicate"), ("skip", "incomplete_set")}
     assert any(x.has_preview for x in sets)
     channels = {(x.channel, x.topic) for x in sets}
     assert {("sim_source_a", None), ("sim_source_b", None), ("sim_forum", "Games"),
@@ -222,3 +222,19 @@ def test_pages_around_deleted_posts_are_short_but_history_goes_on(tmp_path):
         world.close()
     assert any(n < 5 for n in sizes[:-1])  # a short page that is not the end
     assert seen == live and via_telethon == live
+
+
+@pytest.mark.parametrize("size, parts", [(7 * 1024, 2), (3 * 1024, 3), (1_000_000, 3), (2 * 1024 * 1024, 2), (10, 2)])
+def test_volume_split_has_equal_volumes_and_a_smaller_last_one(size, parts):
+    data = samples.pseudo_random_bytes("v", size)
+    pieces = samples.volume_split(data, parts)
+    assert b"".join(pieces) == data and len(pieces) == parts
+    assert len({len(p) for p in pieces[:-1]}) == 1
+    assert 0 < len(pieces[-1]) < len(pieces[0])
+
+
+def test_every_multi_part_sample_ends_with_a_smaller_volume():
+    for x in samples.expected_sets():
+        if len(x.parts) > 1 and x.scheme in ("zip.001", "7z.001", "partN.rar"):
+            sizes = [p.size for p in x.parts]
+            assert len(set(sizes[:-1])) == 1 and sizes[-1] < sizes[0], x.name

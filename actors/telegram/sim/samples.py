@@ -4,7 +4,8 @@ Every sample is generated from its name and size alone (fixed timestamps, a
 seeded PRNG), so seeding the same world twice, or two worlds on two machines,
 yields byte-identical documents. All archives are real:
 
-- zip: ``zipfile``; ``.zip.001/.002`` is a real zip cut in two (byte split);
+- zip: ``zipfile``; ``.zip.001/.002`` is a real zip cut in two (byte split,
+  fixed-size volumes and a smaller last one, as archivers cut: ``volume_split``);
 - ``.z01`` + ``.zip``: a real spanned zip as ``zip -s`` writes it (spanning
   signature, per-disk offsets in the central directory), built by ``_ZipWriter``
   because ``zipfile`` cannot write one; ``zip -s 0`` joins it back;
@@ -99,7 +100,8 @@ class ArchiveSet:
 
     expect: ``ingest`` (uploaded once; ``reason`` says ``encrypted`` or
     ``corrupt`` when it is delivered without a listing) or ``skip`` with
-    ``reason`` ``incomplete`` / ``duplicate`` (another post of the same set
+    ``reason`` ``incomplete_set`` / ``duplicate`` (the skip reasons of
+    storage/ingest.py) (another post of the same set
     is the one ingested: by document id for forwards, by sha256 for re-uploads).
     """
 
@@ -146,6 +148,20 @@ def split_bytes(data: bytes, parts: int) -> list[bytes]:
     """Cut ``data`` into ``parts`` pieces, all equal but the last (like ``split -n``)."""
     step = -(-len(data) // parts)
     return [data[i * step:(i + 1) * step] for i in range(parts)]
+
+
+def volume_split(data: bytes, parts: int) -> list[bytes]:
+    """Cut ``data`` into ``parts`` volumes the way archivers do (``7z -v``, ``zip``
+    byte splits, ``split -b``): every volume but the last has one fixed, rounded
+    size and the last is strictly smaller, so the names plus the sizes tell where
+    a set ends."""
+    if parts <= 1:
+        return [data]
+    step = -(-(len(data) // parts + 1) // KIB) * KIB
+    if (parts - 1) * step >= len(data):  # too small to round: no rounding
+        step = len(data) // parts + 1
+    pieces = [data[i * step:(i + 1) * step] for i in range(parts - 1)]
+    return pieces + [data[(parts - 1) * step:]]
 
 
 def png_image(label: str, width: int = 48, height: int = 32) -> bytes:
@@ -326,7 +342,7 @@ def split_zip(name: str, size: int, scale: float, caption: str = "", parts: int 
     """``name.zip.001``, ``.002``, ...: a real zip cut into ``parts`` pieces."""
     whole = make_zip(name, {f"{name}/data.bin": scaled(size, scale)})
     return [Sample(f"{name}.zip.{i + 1:03d}", piece, caption if i == 0 else "")
-            for i, piece in enumerate(split_bytes(whole, parts))]
+            for i, piece in enumerate(volume_split(whole, parts))]
 
 
 def spanned_zip(name: str, size: int, scale: float, caption: str = "") -> list[Sample]:
@@ -360,7 +376,7 @@ def sevenzip_parts(name: str, size: int, scale: float, caption: str = "") -> lis
     """``name.7z.001``, ``name.7z.002``: a real 7z cut in two (7-Zip volumes)."""
     whole = make_7z(name, {f"{name}/data.bin": scaled(size, scale)})
     return [Sample(f"{name}.7z.{i + 1:03d}", piece, caption if i == 0 else "")
-            for i, piece in enumerate(split_bytes(whole, 2))]
+            for i, piece in enumerate(volume_split(whole, 2))]
 
 
 def corrupt_zip(name: str, size: int, scale: float, caption: str = "") -> list[Sample]:
@@ -432,7 +448,7 @@ def _catalogue(scale: float) -> _Catalogue:
         _set("broken", "zip", SOURCE_B, corrupt_zip("broken", 96 * KIB, s, "Broken upload"),
              reason="corrupt"),
         _set("partial-set", "zip.001", SOURCE_B, [partial[0], partial[2]], expect="skip",
-             reason="incomplete"),
+             reason="incomplete_set"),
     ]
     b_by = {x.name: x for x in b_sets}
     cover = Sample("cover.png", png_image("sim-source-b-cover", 96, 64), "This week's cover", "image/png")
@@ -524,7 +540,7 @@ def bench_sets(count: int, total_bytes: int, *, label: str = "bench") -> Iterato
 
 __all__ = [
     "ArchiveSet", "Post", "Sample", "PASSWORD", "RAR_HEADERS_PASSWORD", "FIXTURES",
-    "bench_sets", "channel_posts", "expected_sets", "expected_ingested", "source_a_samples",
+    "bench_sets", "channel_posts", "volume_split", "expected_sets", "expected_ingested", "source_a_samples",
     "forum_topic_titles", "pseudo_random_bytes", "split_bytes", "make_zip", "make_7z",
     "png_image", "encrypted_zip", "spanned_zip_volumes",
 ]
