@@ -25,7 +25,7 @@ from actors.base import LoopActor
 from actors.faults import fault_point
 from actors.uploader_core import UploadStats, upload_document
 from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
-from storage.manifest import ManifestError, read_manifest
+from storage.manifest import ManifestError, open_source, read_manifest
 
 __all__ = ["AccountPort", "FileReader", "BudgetActorPort", "BudgetRefusedError", "StorageJournal",
            "UploaderActor"]
@@ -257,7 +257,9 @@ class UploaderActor(LoopActor):
         budget = BudgetActorPort(self.budget, msg.account) if self.budget is not None else None
         sent: list[PartSent] = []
         try:
-            with FileReader(manifest.sources[0].path) as reader:
+            # several sources (an archive set): read across them (storage.manifest)
+            with (open_source(manifest) if len(manifest.sources) > 1
+                  else FileReader(manifest.sources[0].path)) as reader:
                 for part in store.parts_without_message(tid):
                     plan = dataclasses.replace(manifest.parts[part.index], random_id=part.random_id)
                     stats: list[UploadStats] = []

@@ -19,6 +19,7 @@ that says which file and what is wrong; nothing else escapes ``read_manifest``.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import os
@@ -33,7 +34,9 @@ import msgpack
 
 from storage.errors import StorageError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1                  # written for one source
+MULTI_SOURCE_VERSION = 2              # written for several sources (build_multi_manifest)
+SUPPORTED_VERSION = 2                 # the newest version this stashd reads
 MANIFEST_FORMAT = "stashd-manifest"
 UPLOAD_CHUNK_SIZE = 512 * 1024        # Telegram upload part size
 HASH_BLOCK_SIZE = 1024 * 1024         # block hashes: one sha256 per MiB of a part
@@ -62,7 +65,7 @@ class ManifestVersionError(ManifestError):
         self.version = version
         super().__init__(
             f"{path}: manifest version {version} is newer than supported "
-            f"{MANIFEST_VERSION}; upgrade stashd"
+            f"{SUPPORTED_VERSION}; upgrade stashd"
         )
 
 
@@ -436,7 +439,7 @@ def unpack_manifest(data: bytes, source="manifest") -> Manifest:
     version, body, digest = envelope.get("version"), envelope.get("body"), envelope.get("sha256")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ManifestShapeError(f"{source}: manifest version {version!r} is invalid")
-    if version > MANIFEST_VERSION:
+    if version > SUPPORTED_VERSION:
         raise ManifestVersionError(source, version)
     if not isinstance(body, bytes) or not isinstance(digest, bytes):
         raise ManifestShapeError(f"{source}: manifest envelope lacks body or checksum")
@@ -517,3 +520,205 @@ def discard_stale_temps(path) -> int:
 
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+# --------------------------------------------------------------------------- several sources
+#
+# A transfer whose content is several files laid end to end (an archive set
+# downloaded from a source channel: foo.z01, foo.z02, foo.zip). The manifest's
+# ``sources`` lists them in content order; offsets in the split plan are
+# offsets in that concatenation. Such a manifest is written as version 2, so
+# a stashd that only knows version 1 (one source) refuses it instead of
+# uploading the first file alone.
+
+
+def plan_sources(sizes: list[int], limit_bytes: int) -> list[tuple[int, int]] | None:
+    """One part per source when every source fits ``limit_bytes``, else None."""
+    if limit_bytes < UPLOAD_CHUNK_SIZE:
+        raise ValueError(f"limit_bytes must be at least {UPLOAD_CHUNK_SIZE}, got {limit_bytes}")
+    if not sizes or any(s <= 0 or s > limit_bytes for s in sizes):
+        return None
+    spans, offset = [], 0
+    for size in sizes:
+        spans.append((offset, size))
+        offset += size
+    return spans
+
+
+def build_multi_manifest(paths, destination: str, limit_bytes: int, caption: str | None = None,
+                         *, names=None, split_name: str | None = None, rng=secrets,
+                         clock=time.time) -> Manifest:
+    """Plan a transfer of several files as one content, reading each file once.
+
+    Each file becomes one document under its original name (``names``, default
+    the file names) when every file fits ``limit_bytes``; otherwise the whole
+    concatenation is re-split byte-level into ``split_name.001``, ... (default
+    ``split_name``: the first name). One source gives an ordinary version-1
+    manifest. Raises :class:`SourceError` when a file is missing, empty, or
+    changes while it is read.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise SourceError("no source files")
+    names = [p.name for p in paths] if names is None else [str(n) for n in names]
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} files")
+    try:
+        before = [p.stat() for p in paths]
+    except OSError as exc:
+        raise SourceError(f"cannot read source: {exc.strerror or exc}") from exc
+    for p, st in zip(paths, before):
+        if st.st_size == 0:
+            raise SourceError(f"{p}: file is empty; Telegram refuses empty documents")
+    sizes = [st.st_size for st in before]
+    total = sum(sizes)
+    spans = plan_sources(sizes, limit_bytes)
+    whole_files = spans is not None
+    if spans is None:
+        spans = plan_split(total, limit_bytes)
+    hashed, source_hashes, whole = _hash_sources(paths, sizes, spans)
+    try:
+        after = [p.stat() for p in paths]
+    except OSError as exc:
+        raise SourceError(f"cannot read source: {exc.strerror or exc}") from exc
+    for p, b, a in zip(paths, before, after):
+        if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
+            raise SourceError(f"{p}: file changed while it was read; try again when it is complete")
+
+    transfer_id = str(uuid.UUID(int=_randbits(rng, 128), version=4))
+    marker = f"{MARKER_PREFIX}{transfer_id}"
+    count = len(hashed)
+    base = split_name or names[0]
+    parts = tuple(
+        PartPlan(
+            index=i, offset=offset, length=length, sha256=digest,
+            file_name=names[i] if whole_files else part_file_name(base, i, count),
+            file_id=random_int64(rng), random_id=random_int64(rng),
+            caption=_caption(caption, part_marker(marker, i, count)),
+            chunk_hashes=blocks,
+        )
+        for i, (offset, length, digest, blocks) in enumerate(hashed)
+    )
+    sources = tuple(SourceFile(str(p.resolve()), st.st_size, st.st_mtime_ns, digest)
+                    for p, st, digest in zip(paths, before, source_hashes))
+    return Manifest(
+        version=MANIFEST_VERSION if len(sources) == 1 else MULTI_SOURCE_VERSION,
+        transfer_id=transfer_id, sources=sources, total_size=total, sha256=whole,
+        chunk_size=UPLOAD_CHUNK_SIZE, parts=parts, caption_marker=marker,
+        destination=destination, created_at=float(clock()),
+    )
+
+
+def _hash_sources(paths, sizes, spans):
+    """One pass over the concatenation: (offset, length, sha256, block hashes) per
+    span, the sha256 of each file, and of everything."""
+    whole = hashlib.sha256()
+    file_hashes = []
+    hashed = []
+    with open_sources(paths, sizes) as reader:
+        file_index, file_end, file_hash = 0, sizes[0], hashlib.sha256()
+        for offset, length in spans:
+            part_hash, blocks = hashlib.sha256(), []
+            pos, end = offset, offset + length
+            while pos < end:
+                block = reader(pos, min(HASH_BLOCK_SIZE, end - pos))
+                if len(block) != min(HASH_BLOCK_SIZE, end - pos):
+                    raise SourceError("a source file shrank while it was read")
+                whole.update(block)
+                part_hash.update(block)
+                blocks.append(hashlib.sha256(block).digest())
+                # per-file hashes: feed the block to the file(s) it covers
+                cut = 0
+                while cut < len(block):
+                    take = min(len(block) - cut, file_end - (pos + cut))
+                    file_hash.update(block[cut:cut + take])
+                    cut += take
+                    if pos + cut == file_end:
+                        file_hashes.append(file_hash.hexdigest())
+                        file_index += 1
+                        if file_index < len(sizes):
+                            file_end += sizes[file_index]
+                            file_hash = hashlib.sha256()
+                pos += len(block)
+            hashed.append((offset, length, part_hash.hexdigest(), tuple(blocks)))
+    return hashed, file_hashes, whole.hexdigest()
+
+
+class SourceReader:
+    """``reader(offset, length) -> bytes`` across a manifest's sources laid end to end.
+
+    Opens every file once (use as a context manager); a read is short only at
+    the end of the content. ``read`` is the same as calling it.
+    """
+
+    def __init__(self, paths, sizes=None):
+        self._fds: list[int] = []
+        self._starts: list[int] = []
+        self._sizes: list[int] = []
+        total = 0
+        try:
+            for i, path in enumerate(paths):
+                fd = os.open(path, os.O_RDONLY)
+                self._fds.append(fd)
+                size = os.fstat(fd).st_size if sizes is None else int(sizes[i])
+                self._starts.append(total)
+                self._sizes.append(size)
+                total += size
+        except OSError as exc:
+            self.close()
+            raise SourceError(f"cannot open source: {exc.strerror or exc}") from exc
+        self.size = total
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        out, end = [], min(self.size, offset + max(0, length))
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        while offset < end and i < len(self._fds):
+            local = offset - self._starts[i]
+            want = min(end - offset, self._sizes[i] - local)
+            if want <= 0:
+                i += 1
+                continue
+            data = os.pread(self._fds[i], want, local)
+            if not data:
+                break  # the file shrank: a short read tells the caller
+            out.append(data)
+            offset += len(data)
+            if len(data) == want:
+                i += 1
+        return b"".join(out)
+
+    read = __call__
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+        self._fds = []
+
+    def __enter__(self) -> SourceReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_sources(paths, sizes=None) -> SourceReader:
+    return SourceReader(paths, sizes)
+
+
+def open_source(manifest: Manifest) -> SourceReader:
+    """A reader over the manifest's sources (one or several), sizes checked first.
+
+    Raises :class:`SourceError` when a source is missing or its size is not
+    the planned one (a changed file must not be uploaded under the old plan).
+    """
+    for s in manifest.sources:
+        try:
+            size = os.stat(s.path).st_size
+        except OSError as exc:
+            raise SourceError(f"{s.path}: cannot read source: {exc.strerror or exc}") from exc
+        if size != s.size:
+            raise SourceError(f"{s.path}: size {size} differs from the planned {s.size}")
+    return SourceReader([s.path for s in manifest.sources], [s.size for s in manifest.sources])

@@ -195,7 +195,7 @@ def test_newer_version_is_refused_with_clear_message(tmp_path):
     m = build_manifest(_file(tmp_path, b"v"), "d", MiB)
     path = tmp_path / "v.manifest"
     path.write_bytes(_envelope(mf.encode_body(m), version=9))
-    with pytest.raises(ManifestVersionError, match="manifest version 9 is newer than supported 1"):
+    with pytest.raises(ManifestVersionError, match=f"manifest version 9 is newer than supported {mf.SUPPORTED_VERSION}"):
         read_manifest(path)
 
 
