@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import pykka
 from loguru import logger
+from pykka._envelope import Envelope  # pykka's own message wrapper (what ref.ask puts)
 
 from actors.adoption import adopt_orphans
 from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
@@ -24,17 +26,63 @@ from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, R
 from actors.base import LoopActor
 from actors.faults import fault_point
 from actors.uploader_core import UploadStats, upload_document
-from actors.uploader_messages import PartSent, TransferUploadedResult, UploadTransfer
+from actors.uploader_messages import PartSent, StopUpload, TransferUploadedResult, UploadTransfer
 from storage.manifest import ManifestError, open_source, read_manifest
 
 __all__ = ["AccountPort", "FileReader", "BudgetActorPort", "BudgetRefusedError", "StorageJournal",
-           "UploaderActor"]
+           "UploaderActor", "UploadStoppedError"]
+
+
+class _LoopReply(pykka.Future):
+    """The reply_to of an ask from a coroutine: the actor's answer resolves an
+    asyncio future on the asking loop; no thread is parked waiting for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: asyncio.Future):
+        super().__init__()
+        self._loop, self._target = loop, target
+
+    def get(self, *, timeout: float | None = None) -> Any:  # nobody blocks on this future
+        raise NotImplementedError("_LoopReply is awaited through ask_async")
+
+    def set(self, value: Any = None) -> None:
+        self._hand_over(self._target.set_result, value)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        exc_info = exc_info or sys.exc_info()
+        self._hand_over(self._target.set_exception,
+                        exc_info[1] if exc_info[1] is not None else exc_info[0]())
+
+    def _hand_over(self, action: Callable[[Any], None], arg: Any) -> None:
+        def run() -> None:
+            if not self._target.done():
+                action(arg)
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the asking loop is gone: nobody waits any more
+            pass
 
 
 async def ask_async(ref: Any, message: Any, timeout: float) -> Any:
-    """Ask a pykka actor without blocking the running loop (the wait runs in an executor)."""
-    future = ref.ask(message, block=False)
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(future.get, timeout=timeout))
+    """Ask a pykka actor without blocking the running loop.
+
+    The reply is handed to this loop by the answering thread (``_LoopReply``):
+    no executor thread blocks in ``future.get`` per ask, which was one of the
+    thread hand-offs of every uploaded chunk.  Raises ``pykka.Timeout`` after
+    ``timeout`` seconds and ``pykka.ActorDeadError`` for a stopped actor, as
+    ``ref.ask`` does.
+    """
+    loop = asyncio.get_running_loop()
+    target = loop.create_future()
+    if not ref.is_alive():
+        raise pykka.ActorDeadError(f"{ref} not found")
+    ref.actor_inbox.put(Envelope(message, reply_to=_LoopReply(loop, target)))
+    try:
+        async with asyncio.timeout(timeout):
+            return await target
+    except TimeoutError:
+        if target.done() and not target.cancelled():
+            raise   # the actor's own answer was a TimeoutError
+        raise pykka.Timeout(f"{timeout} seconds") from None
 
 
 class AccountPort:
@@ -87,6 +135,10 @@ class FileReader:
 
 class BudgetRefusedError(Exception):
     """The BudgetActor refused a lease (it could never be granted)."""
+
+
+class UploadStoppedError(Exception):
+    """A StopUpload ended the transfer's upload (it stays "uploading", resumable)."""
 
 
 class BudgetActorPort:
@@ -215,18 +267,43 @@ class UploaderActor(LoopActor):
         self._clock, self._sleep = clock, sleep
         self._max_attempts, self._timeout = max_attempts, request_timeout
         self._lock: asyncio.Lock | None = None
+        self._running: tuple[str, asyncio.Task] | None = None
+        self._stopped: dict[str, str] = {}
         self._log = logger.bind(actor=name)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, UploadTransfer):
             return self._upload(message)
+        if isinstance(message, StopUpload):
+            return self._stop_upload(message)
         raise TypeError(f"UploaderActor does not handle {type(message).__name__}")
 
     async def _upload(self, msg: UploadTransfer) -> TransferUploadedResult:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # one transfer at a time; later asks wait their turn
-            return await self._upload_one(msg)
+            task = asyncio.current_task()
+            self._running = (msg.transfer_id, task)
+            try:
+                return await self._upload_one(msg)
+            except asyncio.CancelledError:
+                stopped = self._stopped.pop(msg.transfer_id, None)
+                if stopped is None or task.cancelling() > 1:
+                    raise
+                task.uncancel()
+                raise UploadStoppedError(f"transfer {msg.transfer_id}: upload stopped: {stopped}") from None
+            finally:
+                self._running = None
+
+    def _stop_upload(self, msg: StopUpload) -> bool:
+        """Cancel the running upload of msg.transfer_id (runs inline on the loop)."""
+        running = getattr(self, "_running", None)
+        if running is None or running[0] != msg.transfer_id:
+            return False
+        self._stopped[msg.transfer_id] = msg.reason or "stopped"
+        self._log.bind(transfer=msg.transfer_id).warning("stopping the upload: {}", msg.reason)
+        running[1].cancel()
+        return True
 
     async def _upload_one(self, msg: UploadTransfer) -> TransferUploadedResult:
         store, tid = self.storage, msg.transfer_id
