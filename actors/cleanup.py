@@ -6,15 +6,136 @@
     cleanup_due_at(transfer, parts, reference_parts=None) -> float
         # when the grace period ends: newest sent_at of the messages that
         # back the transfer (the referenced transfer's for a duplicate) + grace
-    clean(transfer, parts, *, lease_owner=None, next_check_at=UNSET) -> CleanupResult
-        # only a "verified" transfer whose every part is verified (storage
-        # refuses otherwise: mark_transfer_cleaned); order: the state moves to
-        # "cleaned" first, then the original is deleted if transfer.delete_original
-        # (and it still matches the manifest's size/mtime), temporary split files
-        # (manifest-listed temp sources, none today) and the manifest removed;
-        # the transfer and parts rows (message ids) stay as the compact record.
-        # A failed/unverified transfer keeps everything.
+    clean(transfer, parts=None, *, lease_owner=None, next_check_at=UNSET) -> CleanupResult
+        # only a transfer that storage says is "verified" with every part
+        # verified (re-read before anything is touched; a duplicate: its
+        # reference verified/cleaned); then the original is deleted if
+        # transfer.delete_original and it still matches the manifest's size and
+        # mtime (never a file changed since), temporary files beside the
+        # manifest and the manifest removed, and last the state -> "cleaned"
+        # (mark_transfer_cleaned; an interrupted cleanup is simply repeated).
+        # The transfer and parts rows (message ids) stay as the compact record.
+        # A failed/unverified transfer keeps everything (TransferStateError).
+        # Temporary split files: none exist today (parts are read from the
+        # original with pread); sources of ingested archives are the staging
+        # files and follow delete_original like any original.
 
 CleanupResult(transfer_id, deleted_original: bool, removed: tuple[str, ...],
               kept: tuple[str, ...] (files left and why)).
 """
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loguru import logger
+
+from storage.manifest import ManifestError, discard_stale_temps, read_manifest
+from storage.transfers import UNSET, TransferStateError
+
+__all__ = ["Cleaner", "CleanupResult"]
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    transfer_id: str
+    deleted_original: bool
+    removed: tuple[str, ...] = ()     # paths removed (originals, temp files, manifest)
+    kept: tuple[str, ...] = ()        # "path: why" for files left in place
+
+    def summary(self) -> str:
+        bits = [f"removed {len(self.removed)} file(s)"]
+        if self.deleted_original:
+            bits.append("original deleted")
+        if self.kept:
+            bits.append("kept " + "; ".join(self.kept))
+        return ", ".join(bits)
+
+
+class Cleaner:
+    """Deletes what a verified transfer no longer needs (see the module docstring)."""
+
+    def __init__(self, storage: Any, *, grace_seconds: float, clock: Callable[[], float] = time.time,
+                 unlink: Callable[[str], None] = os.unlink):
+        self.storage, self.grace, self.clock, self._unlink = storage, float(grace_seconds), clock, unlink
+        self._log = logger.bind(actor="cleanup")
+
+    def cleanup_due_at(self, transfer: Any, parts: Sequence[Any]) -> float:
+        """The newest message backing the transfer must be ``grace`` old (and verified now)."""
+        sent = [p.sent_at for p in parts if getattr(p, "sent_at", None) is not None]
+        newest = max(sent) if sent else transfer.updated_at
+        return newest + self.grace
+
+    def clean(self, transfer: Any, parts: Sequence[Any] | None = None, *, lease_owner: str | None = None,
+              next_check_at: Any = UNSET) -> CleanupResult:
+        """Delete the original (policy), temp files and manifest of a verified transfer, then
+        mark it cleaned. Files first, so a crash in between only repeats the (idempotent)
+        deletion on the next check; the state check comes before anything is touched."""
+        # What the database says now, not what the caller saw: nothing is deleted
+        # unless the stored transfer is verified with every part verified.
+        transfer = self.storage.get_transfer(transfer.id) or transfer
+        parts = self.storage.list_parts(transfer.id)
+        if transfer.state != "verified":
+            raise TransferStateError(transfer.id, transfer.state, "cleaned",
+                                     f"state is {transfer.state!r}; only a verified transfer is cleaned")
+        if transfer.duplicate_of is None and (
+                not parts or any(p.verified_at is None or p.message_id is None for p in parts)):
+            raise TransferStateError(transfer.id, transfer.state, "cleaned", "parts not verified")
+        removed: list[str] = []
+        kept: list[str] = []
+        deleted = False
+        manifest_path = Path(transfer.manifest_path)
+        try:
+            manifest = read_manifest(manifest_path)
+        except ManifestError as exc:
+            manifest = None
+            if transfer.delete_original and os.path.exists(transfer.source_path):
+                kept.append(f"{transfer.source_path}: manifest unreadable, cannot prove it is "
+                            f"the uploaded file ({exc})")
+        if manifest is not None and transfer.delete_original:
+            for src in manifest.sources:
+                why = self._unchanged(src)
+                if why == "already gone":  # a cleanup interrupted after the deletion
+                    continue
+                if why is not None:
+                    kept.append(f"{src.path}: {why}")
+                    continue
+                if self._remove(src.path):
+                    removed.append(src.path)
+                    deleted = True
+        if manifest is not None:
+            if self._remove(str(manifest_path)):
+                removed.append(str(manifest_path))
+            try:
+                discard_stale_temps(manifest_path)
+            except OSError:
+                pass
+        self.storage.mark_transfer_cleaned(transfer.id, lease_owner=lease_owner,
+                                           next_check_at=next_check_at)
+        result = CleanupResult(transfer.id, deleted, tuple(removed), tuple(kept))
+        log = self._log.warning if kept else self._log.info
+        log("transfer {} cleaned: {}", transfer.id, result.summary())
+        return result
+
+    @staticmethod
+    def _unchanged(src: Any) -> str | None:
+        """None when the original is still the file that was uploaded (size and mtime)."""
+        try:
+            st = os.stat(src.path)
+        except FileNotFoundError:
+            return "already gone"
+        except OSError as exc:
+            return f"cannot stat ({exc.strerror or exc})"
+        if (st.st_size, st.st_mtime_ns) != (src.size, src.mtime_ns):
+            return "changed since it was uploaded; not deleted"
+        return None
+
+    def _remove(self, path: str) -> bool:
+        try:
+            self._unlink(path)
+            return True
+        except FileNotFoundError:
+            return False

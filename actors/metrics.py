@@ -109,6 +109,126 @@ class Metrics:
             if seconds is not None:
                 self.upload_part_seconds.observe(max(0.0, seconds))
 
+    def add_verify_metrics(self) -> "Metrics":
+        """Register the verifier's metrics (once; the daemon calls it when the verifier runs).
+        Transfers by state is ``stashd_transfers`` (add_upload_metrics)."""
+        if getattr(self, "verify_checks", None) is not None:
+            return self
+        registry = self.registry
+        self.verify_checks = Counter(
+            "stashd_verify_checks_total",
+            "Message checks by result (present, missing, error: not checked, retried later)",
+            ["result"], registry=registry,
+        )
+        self.verify_misses = Counter(
+            "stashd_verify_misses_total", "Parts found missing or not carrying our document",
+            registry=registry,
+        )
+        self.verify_reuploads = Counter(
+            "stashd_verify_reuploads_total", "Parts queued for re-upload from their manifest",
+            registry=registry,
+        )
+        self.verify_cleanups = Counter(
+            "stashd_verify_cleanups_total", "Transfers cleaned up after verification",
+            registry=registry,
+        )
+        self.verify_lost = Counter(
+            "stashd_verify_lost_total",
+            "Parts lost after cleanup (nothing left to re-upload from)", registry=registry,
+        )
+        self.verify_lag = Gauge(
+            "stashd_verify_lag_seconds", "Age of the oldest due check (0 when none is due)",
+            registry=registry,
+        )
+        for result in ("present", "missing", "error"):
+            self.verify_checks.labels(result=result)
+        return self
+
+    def record_verify_check(self, result: str, n: int = 1) -> None:
+        if getattr(self, "verify_checks", None) is not None:
+            self.verify_checks.labels(result=result).inc(n)
+
+    def record_verify_miss(self, n: int = 1) -> None:
+        if getattr(self, "verify_misses", None) is not None:
+            self.verify_misses.inc(n)
+
+    def record_reupload(self, n: int = 1) -> None:
+        if getattr(self, "verify_reuploads", None) is not None:
+            self.verify_reuploads.inc(n)
+
+    def record_cleanup(self, n: int = 1) -> None:
+        if getattr(self, "verify_cleanups", None) is not None:
+            self.verify_cleanups.inc(n)
+
+    def record_lost(self, n: int = 1) -> None:
+        if getattr(self, "verify_lost", None) is not None:
+            self.verify_lost.inc(n)
+
+    def set_verify_lag(self, seconds: float) -> None:
+        if getattr(self, "verify_lag", None) is not None:
+            self.verify_lag.set(max(0.0, seconds))
+
+    def add_ingest_metrics(self) -> "Metrics":
+        """Register the ingest engine's metrics (once; the daemon calls it when ingest runs).
+        ``mapping`` labels are the configured mappings (``account:channel[#topics]``)."""
+        if getattr(self, "ingest_seen", None) is not None:
+            return self
+        registry = self.registry
+        self.ingest_seen = Counter(
+            "stashd_ingest_archives_seen_total", "Archive volumes seen for the first time in sources",
+            ["account"], registry=registry,
+        )
+        self.ingest_ingested = Counter(
+            "stashd_ingest_archives_ingested_total", "Archive sets uploaded to their destination",
+            registry=registry,
+        )
+        self.ingest_skipped = Counter(
+            "stashd_ingest_skipped_total", "Archive sets skipped, by reason", ["reason"],
+            registry=registry,
+        )
+        self.ingest_download_bytes = Counter(
+            "stashd_ingest_download_bytes_total", "Bytes downloaded from source channels",
+            ["account"], registry=registry,
+        )
+        self.ingest_scan_lag = Gauge(
+            "stashd_ingest_scan_lag_seconds",
+            "Seconds since the mapping's last scan that reached the present", ["mapping"],
+            registry=registry,
+        )
+        self.ingest_stalled = Gauge(
+            "stashd_ingest_scan_stalled", "1 while the mapping's pagination is stalled",
+            ["mapping"], registry=registry,
+        )
+        self.ingest_runs = Counter(
+            "stashd_ingest_runs_total", "Scans of a mapping by result (finished, failed)",
+            ["result"], registry=registry,
+        )
+        for reason in ("too_large", "incomplete_set", "duplicate", "unreadable", "failed"):
+            self.ingest_skipped.labels(reason=reason)
+        return self
+
+    def record_ingest(self, *, account: str | None = None, seen: int = 0, ingested: int = 0,
+                      skipped: dict | None = None, downloaded: int = 0) -> None:
+        if getattr(self, "ingest_seen", None) is None:
+            return
+        if seen:
+            self.ingest_seen.labels(account=account or "").inc(seen)
+        if ingested:
+            self.ingest_ingested.inc(ingested)
+        for reason, n in (skipped or {}).items():
+            self.ingest_skipped.labels(reason=reason).inc(n)
+        if downloaded:
+            self.ingest_download_bytes.labels(account=account or "").inc(downloaded)
+
+    def set_scan_lag(self, mapping: str, seconds: float, stalled: bool = False) -> None:
+        if getattr(self, "ingest_scan_lag", None) is not None:
+            self.ingest_scan_lag.labels(mapping=mapping).set(max(0.0, seconds))
+            self.ingest_stalled.labels(mapping=mapping).set(1 if stalled else 0)
+
+    def record_ingest_run(self, result: str) -> None:
+        if getattr(self, "ingest_runs", None) is not None:
+            self.ingest_runs.labels(result=result).inc()
+
     def record_flood_wait(self, account: str, method: str, seconds: float) -> None:
         self.floodwait_seconds.labels(account=account, method=method).inc(max(0.0, seconds))
 

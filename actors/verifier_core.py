@@ -45,3 +45,530 @@ over AccountActor refs.
 Metrics (optional, ``Metrics.add_verify_metrics``): checks by result
 (present/missing/error), misses, re-uploads, cleanups, lost, lag.
 """
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import secrets
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+from loguru import logger
+
+from actors.verifier_messages import TransferOutcome
+from storage.errors import StorageError
+from storage.manifest import (
+    HASH_BLOCK_SIZE, Manifest, ManifestError, random_int64, read_manifest, rewrite_part_random_id,
+)
+from storage.transfers import (
+    UNSET, VERIFY_STATES, LeaseLostError, PartRecord, TransferRecord, TransferStateError,
+)
+
+__all__ = ["MessagePort", "PartCheck", "Verifier", "batched", "check_original",
+           "compute_backoff", "document_mismatch", "reupload_allowed_at", "sample_blocks",
+           "MAX_IDS_PER_CALL"]
+
+MAX_IDS_PER_CALL = 100          # channels.getMessages returns at most 100 messages
+DEFAULT_CLAIM_FACTOR = 5        # transfers claimed per pass = batch_size * this
+
+
+# -- pure helpers -------------------------------------------------------------------------
+def compute_backoff(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before try number ``attempt + 1``: 0 for attempt 0, then initial * 2**(attempt-1),
+    capped at ``maximum``."""
+    if attempt <= 0 or initial <= 0:
+        return 0.0
+    exponent = min(attempt - 1, 62)  # no float overflow for absurd attempt counts
+    return float(min(maximum, initial * math.pow(2, exponent)))
+
+
+def batched(items: Sequence[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    if size <= 0:
+        raise ValueError(f"batch size must be > 0, got {size}")
+    for start in range(0, len(items), size):
+        yield tuple(items[start:start + size])
+
+
+def document_mismatch(part: PartRecord, info: Any) -> str | None:
+    """Why the message ``info`` (MessageInfo or None) does not carry ``part``'s document."""
+    if info is None:
+        return f"message {part.message_id} is gone"
+    doc = getattr(info, "document", None)
+    if doc is None:
+        return f"message {part.message_id} has no document"
+    if doc.size != part.length:
+        return f"message {part.message_id}: document size {doc.size}, expected {part.length}"
+    if (doc.file_name or "") != part.file_name:
+        return f"message {part.message_id}: file name {doc.file_name!r}, expected {part.file_name!r}"
+    if part.document_id is not None and doc.id != part.document_id:
+        return f"message {part.message_id}: document {doc.id}, expected {part.document_id}"
+    return None
+
+
+def reupload_allowed_at(transfer: TransferRecord, parts: Sequence[PartRecord],
+                        initial: float, maximum: float) -> float:
+    """Earliest time of the next re-upload: at once for the first one, then
+    ``compute_backoff(attempts)`` after the newest send of the transfer."""
+    if transfer.attempts <= 0:
+        return -math.inf
+    sent = [p.sent_at for p in parts if p.sent_at is not None]
+    last = max(sent) if sent else transfer.updated_at
+    return last + compute_backoff(transfer.attempts, initial, maximum)
+
+
+def sample_blocks(length: int, samples: int, rng: Any = random) -> list[int]:
+    """Distinct 1 MiB block indexes of a document of ``length`` bytes to download
+    (sorted; every block when there are no more than ``samples``)."""
+    count = -(-length // HASH_BLOCK_SIZE)
+    if count <= samples:
+        return list(range(count))
+    return sorted(rng.sample(range(count), samples))
+
+
+def _read_range(sources: Sequence[Any], offset: int, length: int) -> Iterator[bytes]:
+    """Bytes [offset, offset+length) of the concatenation of ``sources`` (manifest SourceFiles)."""
+    start = 0
+    for src in sources:
+        end = start + src.size
+        lo, hi = max(offset, start), min(offset + length, end)
+        if lo < hi:
+            with open(src.path, "rb") as fh:
+                fh.seek(lo - start)
+                remaining = hi - lo
+                while remaining:
+                    block = fh.read(min(HASH_BLOCK_SIZE, remaining))
+                    if not block:
+                        raise OSError(f"{src.path}: shorter than expected")
+                    remaining -= len(block)
+                    yield block
+        start = end
+
+
+def check_original(manifest: Manifest, part_indexes: Iterable[int] | None = None) -> str | None:
+    """Why the original no longer matches the manifest (gone, size, mtime, sha256), or None.
+
+    ``part_indexes``: hash only those parts' ranges (against their sha256);
+    None: the whole content against the manifest's sha256.
+    """
+    for src in manifest.sources:
+        try:
+            st = os.stat(src.path)
+        except FileNotFoundError:
+            return f"original gone: {src.path}"
+        except OSError as exc:
+            return f"original unreadable: {src.path}: {exc.strerror or exc}"
+        if st.st_size != src.size:
+            return f"original changed: {src.path}: size {st.st_size}, uploaded {src.size}"
+        if st.st_mtime_ns != src.mtime_ns:
+            return f"original changed: {src.path}: modified since it was uploaded (mtime)"
+    try:
+        if part_indexes is None:
+            digest = hashlib.sha256()
+            for block in _read_range(manifest.sources, 0, manifest.total_size):
+                digest.update(block)
+            if digest.hexdigest() != manifest.sha256:
+                return "original changed: content differs from the uploaded sha256"
+            return None
+        for index in sorted(set(part_indexes)):
+            plan = manifest.parts[index]
+            digest = hashlib.sha256()
+            for block in _read_range(manifest.sources, plan.offset, plan.length):
+                digest.update(block)
+            if digest.hexdigest() != plan.sha256:
+                return f"original changed: part {index + 1} differs from the uploaded sha256"
+    except OSError as exc:
+        return f"original unreadable: {exc.strerror or exc}"
+    return None
+
+
+# -- ports -----------------------------------------------------------------------------------
+class MessagePort(Protocol):
+    def readers(self, channel: str, preferred: Sequence[str] = ()) -> list[str]:
+        """Account names that may read ``channel`` now, the preferred ones first."""
+
+    def get_messages(self, account: str, channel: str, ids: tuple[int, ...]) -> tuple[Any, ...]:
+        """MessageInfo | None per id, in order; raises on error or timeout."""
+
+    def download_range(self, account: str, document: Any, offset: int, limit: int) -> bytes:
+        """Raises on error or timeout."""
+
+
+@dataclass(frozen=True)
+class PartCheck:
+    transfer_id: str
+    index: int
+    result: str          # "present" | "missing" | "error"
+    detail: str = ""
+    account: str | None = None
+    info: Any = None     # the MessageInfo seen (present parts)
+
+
+# -- the verifier --------------------------------------------------------------------------------
+class Verifier:
+    """One verifier's logic (see the module docstring). Not thread-safe: one caller."""
+
+    def __init__(self, storage: Any, port: MessagePort, settings: Any, *, owner: str,
+                 clock: Callable[[], float] = time.time, rng: Any = None, metrics: Any = None,
+                 cleaner: Any = None, adopt: Callable[..., Any] | None = None,
+                 on_lost: Callable[..., Any] | None = None, claim_limit: int | None = None):
+        if not owner:
+            raise ValueError("verifier owner must not be empty")
+        self.storage, self.port, self.settings = storage, port, settings
+        self.owner, self.clock = owner, clock
+        self.rng = rng if rng is not None else random.Random(secrets.randbits(64))
+        self.metrics = metrics
+        if cleaner is None:
+            from actors.cleanup import Cleaner
+            cleaner = Cleaner(storage, grace_seconds=settings.cleanup_grace_seconds, clock=clock)
+        self.cleaner = cleaner
+        self.adopt, self.on_lost = adopt, on_lost
+        self.batch_size = max(1, min(int(settings.batch_size), MAX_IDS_PER_CALL))
+        self.claim_limit = claim_limit or self.batch_size * DEFAULT_CLAIM_FACTOR
+        self._errors: dict[str, int] = {}   # consecutive failed checks per transfer (memory only)
+        self.calls = 0                      # GetMessages calls made
+        self.checks: Counter = Counter()    # part checks by result
+        self.outcomes: Counter = Counter()  # transfer outcomes by result
+        self.reuploads = self.cleanups = self.lost = 0
+        self.last_error: str | None = None
+        self._log = logger.bind(actor="verifier")
+
+    # -- a pass ----------------------------------------------------------------------------
+    def run_pass(self) -> list[TransferOutcome]:
+        """Claim due transfers (one batch), check them, act; returns the outcomes."""
+        claimed = self.storage.claim_due_transfers(
+            self.owner, self.claim_limit, self.settings.lease_seconds, states=VERIFY_STATES)
+        outcomes = self.check(claimed) if claimed else []
+        self._update_lag()
+        return outcomes
+
+    def run_until_idle(self, max_passes: int = 1000) -> list[TransferOutcome]:
+        """Passes until nothing is due (for VerifyNow and tests)."""
+        out: list[TransferOutcome] = []
+        for _ in range(max_passes):
+            got = self.run_pass()
+            if not got:
+                break
+            out += got
+        return out
+
+    def check(self, transfers: Sequence[TransferRecord]) -> list[TransferOutcome]:
+        """Check transfers leased to us (claim_due_transfers) and act on the results."""
+        outcomes: list[TransferOutcome] = []
+        own = [t for t in transfers if t.duplicate_of is None]
+        parts = self.storage.list_parts_many(t.id for t in own)
+        results = self._check_parts(own, parts)
+        for t in own:
+            outcomes.append(self._guard(t, self._act, t, parts[t.id], results.get(t.id, {})))
+        for t in transfers:  # after the others: a duplicate sees this pass's verdict
+            if t.duplicate_of is not None:
+                outcomes.append(self._guard(t, self._follow, t))
+        for o in outcomes:
+            self.outcomes[o.result] += 1
+        return outcomes
+
+    def _guard(self, t: TransferRecord, fn: Callable[..., TransferOutcome], *args) -> TransferOutcome:
+        """Lease lost or state changed under us: skip this transfer, nothing else."""
+        try:
+            return fn(*args)
+        except LeaseLostError as exc:
+            self._log.warning("transfer {}: lease lost, skipped: {}", t.id, exc)
+            return TransferOutcome(t.id, "skipped", detail=str(exc))
+        except TransferStateError as exc:
+            self._log.warning("transfer {}: state changed under the check, skipped: {}", t.id, exc)
+            self._release(t.id)
+            return TransferOutcome(t.id, "skipped", exc.current, detail=str(exc))
+
+    def _release(self, transfer_id: str, next_check_at=UNSET) -> None:
+        try:
+            self.storage.release_transfer_lease(transfer_id, self.owner, next_check_at=next_check_at)
+        except StorageError as exc:
+            self._log.warning("transfer {}: releasing the lease failed: {}", transfer_id, exc)
+
+    # -- looking at the channel -----------------------------------------------------------
+    def _check_parts(self, transfers: Sequence[TransferRecord],
+                     parts: dict[str, list[PartRecord]]) -> dict[str, dict[int, PartCheck]]:
+        """Every sent part of ``transfers``: present / missing / error, batched per channel."""
+        by_channel: dict[str, list[tuple[TransferRecord, PartRecord]]] = defaultdict(list)
+        for t in transfers:
+            for p in parts.get(t.id, []):
+                if p.message_id is not None:
+                    by_channel[t.destination].append((t, p))
+        results: dict[str, dict[int, PartCheck]] = defaultdict(dict)
+        for channel, items in by_channel.items():
+            preferred = [a for a, _ in Counter(p.account for _, p in items if p.account).most_common()]
+            for batch in batched(items, self.batch_size):
+                for check in self._check_batch(channel, batch, preferred):
+                    results[check.transfer_id][check.index] = check
+        return results
+
+    def _check_batch(self, channel: str, batch: Sequence[tuple[TransferRecord, PartRecord]],
+                     preferred: Sequence[str]) -> list[PartCheck]:
+        ids = tuple(p.message_id for _, p in batch)
+        readers = self.port.readers(channel, preferred)
+        errors = []
+        for account in readers:
+            self.calls += 1
+            try:
+                found = tuple(self.port.get_messages(account, channel, ids))
+            except Exception as exc:  # noqa: BLE001 - any failure is "not checked", never a pass
+                errors.append(f"{account}: {type(exc).__name__}: {exc}")
+                continue
+            if len(found) != len(ids):
+                errors.append(f"{account}: {len(found)} replies for {len(ids)} ids")
+                continue
+            checks = []
+            for (t, p), info in zip(batch, found):
+                why = document_mismatch(p, info)
+                if why is None:
+                    checks.append(PartCheck(t.id, p.index, "present", account=account, info=info))
+                else:
+                    checks.append(PartCheck(t.id, p.index, "missing", why, account=account))
+            return checks
+        detail = "; ".join(errors) if errors else f"no account can read {channel} now"
+        self.last_error = detail
+        self._log.warning("checking {} message(s) in {} failed (retried later): {}", len(ids),
+                          channel, detail)
+        return [PartCheck(t.id, p.index, "error", detail) for t, p in batch]
+
+    def _deep_check(self, t: TransferRecord, checks: dict[int, PartCheck]) -> dict[int, PartCheck]:
+        """Sampled 1 MiB blocks of each present document against the manifest's block hashes."""
+        try:
+            manifest = read_manifest(t.manifest_path)
+        except ManifestError as exc:  # cleaned (manifest removed): metadata check only
+            self._log.debug("transfer {}: no deep check ({})", t.id, exc)
+            return checks
+        out = dict(checks)
+        for index, c in checks.items():
+            if c.result != "present" or c.info is None or index >= len(manifest.parts):
+                continue
+            plan = manifest.parts[index]
+            for block in sample_blocks(plan.length, self.settings.deep_check_samples, self.rng):
+                try:
+                    data = self.port.download_range(c.account, c.info.document,
+                                                    block * HASH_BLOCK_SIZE, HASH_BLOCK_SIZE)
+                except Exception as exc:  # noqa: BLE001
+                    out[index] = replace(c, result="error", detail=f"deep check download: "
+                                                                   f"{type(exc).__name__}: {exc}")
+                    break
+                if hashlib.sha256(data).digest() != plan.chunk_hashes[block]:
+                    out[index] = replace(c, result="missing",
+                                         detail=f"message {c.info.id}: not our document "
+                                                f"(block {block} differs)")
+                    break
+        return out
+
+    # -- acting on one transfer -------------------------------------------------------------
+    def _act(self, t: TransferRecord, parts: list[PartRecord],
+             checks: dict[int, PartCheck]) -> TransferOutcome:
+        now = self.clock()
+        s = self.settings
+        if s.deep_check and checks and all(c.result == "present" for c in checks.values()):
+            checks = self._deep_check(t, checks)
+        for c in checks.values():
+            self.checks[c.result] += 1
+            self._metric("record_verify_check", c.result)
+        unsent = [p.index for p in parts if p.message_id is None]
+        errored = sorted(i for i, c in checks.items() if c.result == "error")
+        missing = sorted(i for i, c in checks.items() if c.result == "missing")
+        if errored:
+            n = self._errors[t.id] = self._errors.get(t.id, 0) + 1
+            delay = max(compute_backoff(n, s.backoff_initial_seconds, s.backoff_max_seconds), 0.0)
+            detail = checks[errored[0]].detail
+            self.storage.record_check(
+                t.id, next_check_at=now + delay, lease_owner=self.owner, release_lease=True,
+                state="verifying" if t.state == "uploaded" else None)
+            return TransferOutcome(t.id, "error", "verifying" if t.state == "uploaded" else t.state,
+                                   detail=f"check {n} not made, next in {delay:.0f}s: {detail}")
+        self._errors.pop(t.id, None)
+        if not missing and not unsent:
+            return self._passed(t, parts, sorted(checks), now)
+        why = "; ".join(checks[i].detail for i in missing) or \
+            f"part(s) {[i + 1 for i in unsent]} have no message"
+        if missing:
+            self._metric("record_verify_miss", len(missing))
+            self._log.warning("transfer {}: part(s) {} missing: {}", t.id,
+                              [i + 1 for i in missing], why)
+        present = sorted(i for i, c in checks.items() if c.result == "present")
+        if t.state == "cleaned":
+            return self._lost(t, parts, present, missing, why)
+        if t.attempts >= s.max_attempts:
+            reason = (f"part(s) {[i + 1 for i in missing + unsent]} missing after "
+                      f"{t.attempts} re-upload(s): {why}")
+            rec = self.storage.record_check(t.id, present=present, missing=missing, state="failed",
+                                            reason=reason, next_check_at=None,
+                                            lease_owner=self.owner, release_lease=True)
+            self._log.error("transfer {} failed: {}", t.id, reason)
+            return TransferOutcome(t.id, "failed", rec.state, tuple(missing), reason)
+        allowed = reupload_allowed_at(t, parts, s.backoff_initial_seconds, s.backoff_max_seconds)
+        if now < allowed:
+            rec = self.storage.record_check(t.id, present=present, missing=missing,
+                                            state="verifying", next_check_at=allowed,
+                                            lease_owner=self.owner, release_lease=True)
+            return TransferOutcome(t.id, "waiting", rec.state, tuple(missing),
+                                   f"re-upload {t.attempts + 1} in {allowed - now:.0f}s: {why}")
+        self.storage.record_check(t.id, present=present, missing=missing, state="verifying",
+                                  lease_owner=self.owner)
+        return self._reupload(t, parts, missing, unsent, why)
+
+    def _passed(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
+                now: float) -> TransferOutcome:
+        s = self.settings
+        slow = now + s.verified_interval_seconds
+        state = "cleaned" if t.state == "cleaned" else "verified"
+        if state == "verified":
+            due = self.cleaner.cleanup_due_at(t, parts)
+            rec = self.storage.record_check(
+                t.id, present=present, state="verified", reason="" if t.reason else None,
+                next_check_at=slow if due <= now else min(slow, due), lease_owner=self.owner,
+                release_lease=due > now)
+            if due <= now:
+                return self._clean(rec, parts, slow)
+            return TransferOutcome(t.id, "verified", rec.state)
+        rec = self.storage.record_check(t.id, present=present, next_check_at=slow,
+                                        lease_owner=self.owner, release_lease=True)
+        return TransferOutcome(t.id, "verified", rec.state)
+
+    def _clean(self, t: TransferRecord, parts: list[PartRecord], next_check_at: float) -> TransferOutcome:
+        try:
+            result = self.cleaner.clean(t, parts, lease_owner=self.owner,
+                                        next_check_at=next_check_at)
+        except (TransferStateError, LeaseLostError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - cleanup retried on a later check
+            self._log.error("transfer {}: cleanup failed, retried later: {}", t.id, exc)
+            self._release(t.id, next_check_at=self.clock() + self.settings.interval_seconds)
+            return TransferOutcome(t.id, "verified", t.state, detail=f"cleanup failed: {exc}")
+        self._release(t.id)
+        self.cleanups += 1
+        self._metric("record_cleanup")
+        return TransferOutcome(t.id, "cleaned", "cleaned", detail=result.summary())
+
+    def _lost(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
+              missing: list[int], why: str) -> TransferOutcome:
+        reason = f"lost after cleanup: {why}"
+        rec = self.storage.record_check(t.id, present=present, missing=missing, state="failed",
+                                        reason=reason, next_check_at=None,
+                                        lease_owner=self.owner, release_lease=True)
+        self.lost += 1
+        self._metric("record_lost", len(missing))
+        self._log.error("TRANSFER {} LOST: {} (cleaned: nothing left to re-upload from; "
+                        "source {})", t.id, reason, t.source_path)
+        if self.on_lost is not None:  # e.g. ingest fetches an archive again from its source
+            try:
+                self.on_lost(rec, parts, missing)
+            except Exception as exc:  # noqa: BLE001
+                self._log.error("transfer {}: on_lost hook failed: {}", t.id, exc)
+        return TransferOutcome(t.id, "lost", rec.state, tuple(missing), reason)
+
+    def _fail(self, t: TransferRecord, reason: str, missing: Sequence[int]) -> TransferOutcome:
+        rec = self.storage.set_transfer_state(t.id, "failed", reason=reason, next_check_at=None,
+                                              lease_owner=self.owner, release_lease=True)
+        self._log.error("transfer {} failed: {}", t.id, reason)
+        return TransferOutcome(t.id, "failed", rec.state, tuple(missing), reason)
+
+    def _reupload(self, t: TransferRecord, parts: list[PartRecord], missing: list[int],
+                  unsent: list[int], why: str) -> TransferOutcome:
+        """Re-upload ``missing`` parts from the manifest (``unsent`` ones already have a fresh id)."""
+        try:
+            manifest = read_manifest(t.manifest_path)
+        except ManifestError as exc:
+            return self._fail(t, f"cannot re-upload: {exc}", missing)
+        changed = check_original(manifest, missing + unsent)
+        if changed is not None:
+            return self._fail(t, changed, missing)
+        by_index = {p.index: p for p in parts}
+        adopted = []
+        for index in missing:
+            if self.adopt is not None and self._adopt(t, by_index[index], manifest):
+                adopted.append(index)
+                continue
+            random_id = random_int64(self.rng)
+            rewrite_part_random_id(t.manifest_path, index, random_id)  # manifest first
+            self.storage.set_part_random_id(t.id, index, random_id)
+        todo = [i for i in missing + unsent if i not in adopted]
+        if not todo:
+            rec = self.storage.mark_transfer_uploaded(
+                t.id, first_check_delay=self.settings.first_check_delay_seconds)
+            return TransferOutcome(t.id, "reuploading", rec.state, tuple(missing),
+                                   f"adopted existing message(s) for part(s) {[i + 1 for i in adopted]}")
+        attempt = t.attempts + 1
+        rec = self.storage.set_transfer_state(
+            t.id, "uploading", expected=("verifying",), attempts=attempt, account=None,
+            reason=f"re-upload {attempt}: {why}", lease_owner=self.owner, release_lease=True)
+        self.reuploads += len(todo)
+        self._metric("record_reupload", len(todo))
+        self._log.warning("transfer {}: re-uploading part(s) {} (attempt {}/{})", t.id,
+                          [i + 1 for i in todo], attempt, self.settings.max_attempts)
+        return TransferOutcome(t.id, "reuploading", rec.state, tuple(missing), why)
+
+    def _adopt(self, t: TransferRecord, part: PartRecord, manifest: Manifest) -> bool:
+        """Ask the adoption hook for a message already carrying this part (caption marker)."""
+        try:
+            found = self.adopt(t, part, manifest)
+        except Exception as exc:  # noqa: BLE001 - no adoption: upload again
+            self._log.warning("transfer {} part {}: adoption search failed: {}", t.id, part.index, exc)
+            return False
+        if not found:
+            return False
+        message_id, document_id, account = found
+        if message_id == part.message_id:
+            return False  # the message we know is gone; that is not an orphan
+        self.storage.set_part_random_id(t.id, part.index, part.random_id)  # forget the lost one
+        self.storage.record_part_sent(t.id, part.index, message_id=message_id,
+                                      document_id=document_id, account=account)
+        self._log.info("transfer {} part {}: adopted message {}", t.id, part.index, message_id)
+        return True
+
+    # -- duplicates ------------------------------------------------------------------------------
+    def _follow(self, t: TransferRecord) -> TransferOutcome:
+        """A transfer completed by reference takes the referenced transfer's verdict."""
+        now = self.clock()
+        s = self.settings
+        ref = self.storage.get_transfer(t.duplicate_of)
+        if ref is None:
+            return self._fail(t, f"referenced transfer {t.duplicate_of} does not exist", ())
+        if ref.state == "failed":
+            return self._fail(t, f"referenced transfer {ref.id} failed: {ref.reason}", ())
+        if ref.state in ("verified", "cleaned"):
+            slow = now + s.verified_interval_seconds
+            if t.state == "cleaned":
+                self.storage.record_check(t.id, next_check_at=slow, lease_owner=self.owner,
+                                          release_lease=True)
+                return TransferOutcome(t.id, "verified", t.state)
+            ref_parts = self.storage.list_parts(ref.id)
+            due = self.cleaner.cleanup_due_at(t, ref_parts)
+            rec = self.storage.record_check(
+                t.id, state="verified", next_check_at=slow if due <= now else min(slow, due),
+                lease_owner=self.owner, release_lease=due > now)
+            if due <= now:
+                return self._clean(rec, [], slow)
+            return TransferOutcome(t.id, "verified", rec.state)
+        # the reference is still on its way (or being re-uploaded): look again later
+        state = "verifying" if t.state == "verified" else None
+        rec = self.storage.record_check(t.id, state=state, next_check_at=now + s.interval_seconds,
+                                        lease_owner=self.owner, release_lease=True)
+        return TransferOutcome(t.id, "following", rec.state, detail=f"{ref.id} is {ref.state}")
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def _metric(self, name: str, *args) -> None:
+        fn = getattr(self.metrics, name, None) if self.metrics is not None else None
+        if fn is not None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - metrics never break a check
+                self._log.debug("metric {} failed: {}", name, exc)
+
+    def lag_seconds(self) -> float:
+        oldest = self.storage.oldest_due_check()
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest)
+
+    def _update_lag(self) -> None:
+        if self.metrics is not None and getattr(self.metrics, "set_verify_lag", None):
+            try:
+                self._metric("set_verify_lag", self.lag_seconds())
+            except StorageError:
+                pass

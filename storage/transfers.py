@@ -80,12 +80,14 @@ API (all on ``Storage``)::
     renew_transfer_lease(transfer_id, owner, lease_seconds) -> bool
     release_transfer_lease(transfer_id, owner, *, next_check_at=UNSET) -> bool
     record_check(transfer_id, *, present=(), missing=(), next_check_at=UNSET,
-                 lease_owner=None)
+                 lease_owner=None, state=None, reason=None, release_lease=False)
         -> TransferRecord   # parts in present: verified_at = now;
         # parts in missing: misses += 1, verified_at = None;
-        # last_check_at = now; next_check_at set when given
+        # last_check_at = now; next_check_at set when given; state/reason/
+        # release_lease as in set_transfer_state, all in one transaction
 
     # verifier support (issue 4, W3)
+    list_parts_many(transfer_ids) -> dict[transfer_id, list[PartRecord]]  # one query
     VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")   # re-checked states
     schedule_check(transfer_id=None, at=None, states=VERIFY_STATES) -> int
         # next_check_at = at (default now) for one transfer (if in states) or
@@ -796,9 +798,17 @@ class TransferStore:
 
     def record_check(
         self, transfer_id: str, *, present: Iterable[int] = (), missing: Iterable[int] = (),
-        next_check_at=UNSET, lease_owner: str | None = None,
+        next_check_at=UNSET, lease_owner: str | None = None, state: str | None = None,
+        reason: str | None = None, release_lease: bool = False,
     ) -> TransferRecord:
-        """Record one verification pass: present parts verified, misses counted."""
+        """Record one verification pass: present parts verified, misses counted.
+
+        In the same transaction (one write per checked transfer): ``state``
+        moves the transfer (TRANSFER_TRANSITIONS apply), ``reason`` as in
+        set_transfer_state, ``release_lease`` clears the lease.
+        """
+        if state is not None:
+            _check_state(state)
         present = {int(i) for i in present}
         missing = {int(i) for i in missing}
         if present & missing:
@@ -818,12 +828,37 @@ class TransferStore:
             unknown = (present | missing) - known
             if unknown:
                 raise StorageError(f"transfer {transfer_id!r} has no parts {sorted(unknown)}")
+            if state is not None and state != t.state:
+                if state not in TRANSFER_TRANSITIONS[t.state]:
+                    raise TransferStateError(transfer_id, t.state, state,
+                                             f"cannot move from {t.state!r} to {state!r}")
+                t.state = state
+            if reason is not None:
+                t.reason = reason or None
             t.set(last_check_at=now, updated_at=now)
             if next_check_at is not UNSET:
                 t.next_check_at = None if next_check_at is None else float(next_check_at)
+            if release_lease:
+                t.set(lease_owner=None, lease_until=None)
             return _transfer_record(t)
 
         return self._run(tx, write=True, what=f"record check of {transfer_id!r}")
+
+    def list_parts_many(self, transfer_ids: Iterable[str]) -> dict[str, list[PartRecord]]:
+        """transfer id -> its parts by index, for many transfers in one query."""
+        ids = list(dict.fromkeys(transfer_ids))
+        Part = self.entities.TransferPart
+
+        def tx():
+            out: dict[str, list[PartRecord]] = {tid: [] for tid in ids}
+            if not ids:
+                return out
+            q = Part.select(lambda p: p.transfer.id in ids).order_by(Part.part_index)
+            for p in q:
+                out[p.transfer.id].append(_part_record(p))
+            return out
+
+        return self._run(tx, write=False, what="list parts of many transfers")
 
     # -- verifier support -------------------------------------------------------------
 

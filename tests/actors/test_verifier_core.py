@@ -1,0 +1,513 @@
+"""actors.verifier_core.Verifier and actors.cleanup.Cleaner without threads: a fake
+message port, real storage (SQLite file), real files and manifests, an injected clock."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+
+import pytest
+
+from actors.account_messages import DocumentInfo, MessageInfo
+from actors.cleanup import Cleaner
+from actors.verifier_core import (
+    Verifier, batched, check_original, compute_backoff, document_mismatch, sample_blocks,
+)
+from config.schema import VerifySettings
+from storage import open_storage
+from storage.manifest import build_manifest, read_manifest, write_manifest
+from storage.transfers import TransferStateError
+
+MIB = 1024 * 1024
+CHANNEL = "stash_archive"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakePort:
+    """The destination channel(s) as dicts; every GetMessages call is logged."""
+
+    def __init__(self):
+        self.channels: dict[str, dict[int, MessageInfo]] = {}
+        self.blobs: dict[int, bytes] = {}          # document id -> bytes (deep check)
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+        self.downloads: list[tuple[int, int, int]] = []
+        self.failing: dict[str, Exception] = {}    # account -> raised on every call
+        self.accounts = ["alice", "bob"]
+        self.next_id = 1000
+
+    def post(self, channel, data: bytes, file_name: str) -> MessageInfo:
+        self.next_id += 1
+        doc = DocumentInfo(id=self.next_id * 7, access_hash=1, file_reference=b"", size=len(data),
+                           file_name=file_name, mime_type="application/octet-stream", dc_id=2)
+        info = MessageInfo(id=self.next_id, date=0.0, text="", document=doc)
+        self.channels.setdefault(channel, {})[info.id] = info
+        self.blobs[doc.id] = data
+        return info
+
+    def delete(self, channel, message_id):
+        del self.channels[channel][message_id]
+
+    # -- MessagePort ------------------------------------------------------------------
+    def readers(self, channel, preferred=()):
+        return sorted(self.accounts, key=lambda a: (a not in preferred, a))
+
+    def get_messages(self, account, channel, ids):
+        self.calls.append((account, channel, tuple(ids)))
+        if account in self.failing:
+            raise self.failing[account]
+        assert len(ids) <= 100
+        msgs = self.channels.get(channel, {})
+        return tuple(msgs.get(i) for i in ids)
+
+    def download_range(self, account, document, offset, limit):
+        self.downloads.append((document.id, offset, limit))
+        return self.blobs[document.id][offset:offset + limit]
+
+
+class Env:
+    def __init__(self, tmp_path, **settings):
+        self.tmp = tmp_path
+        self.clock = Clock()
+        self.storage = open_storage(f"sqlite:///{tmp_path / 'stashd.db'}", clock=self.clock)
+        self.port = FakePort()
+        base = dict(first_check_delay_seconds=60.0, interval_seconds=300.0,
+                    verified_interval_seconds=86400.0, lease_seconds=120.0, batch_size=100,
+                    max_attempts=3, backoff_initial_seconds=30.0, backoff_max_seconds=600.0,
+                    cleanup_grace_seconds=3600.0, deep_check=False, deep_check_samples=2)
+        base.update(settings)
+        self.settings = VerifySettings(**base)
+        self.lost: list = []
+        self.verifier = self.make_verifier("node/verifier#1")
+        self.n = 0
+
+    def make_verifier(self, owner, **kw):
+        return Verifier(self.storage, self.port, self.settings, owner=owner, clock=self.clock,
+                        rng=random.Random(7), on_lost=lambda *a: self.lost.append(a), **kw)
+
+    def transfer(self, size=1000, *, limit=2 * MIB, delete_original=False, channel=CHANNEL,
+                 upload=True):
+        """A real file, its manifest and transfer row; parts 'sent' to the fake channel."""
+        self.n += 1
+        path = self.tmp / f"file{self.n}.bin"
+        path.write_bytes(os.urandom(size))
+        m = build_manifest(path, channel, limit, caption="c")
+        mpath = write_manifest(m, self.tmp / f"{m.transfer_id}.manifest")
+        self.storage.create_transfer(
+            m.transfer_id, source_path=str(path), size=size, sha256=m.sha256, destination=channel,
+            manifest_path=str(mpath), delete_original=delete_original,
+            parts=[(p.index, p.offset, p.length, p.sha256, p.file_name, p.random_id) for p in m.parts])
+        if upload:
+            self.upload(m.transfer_id)
+        return m.transfer_id
+
+    def upload(self, tid, parts=None):
+        """What the uploader does: send the parts without a message, mark uploaded."""
+        t = self.storage.get_transfer(tid)
+        m = read_manifest(t.manifest_path)
+        data = open(t.source_path, "rb").read()
+        self.storage.set_transfer_state(tid, "uploading") if t.state == "planned" else None
+        for p in self.storage.parts_without_message(tid):
+            assert parts is None or p.index in parts
+            plan = m.parts[p.index]
+            assert plan.random_id == p.random_id  # the manifest was rewritten first
+            info = self.port.post(t.destination, data[plan.offset:plan.end], plan.file_name)
+            self.storage.record_part_sent(tid, p.index, message_id=info.id,
+                                          document_id=info.document.id, account="alice")
+        return self.storage.mark_transfer_uploaded(
+            tid, first_check_delay=self.settings.first_check_delay_seconds)
+
+    def due(self):
+        self.clock.now += self.settings.first_check_delay_seconds
+
+    def state(self, tid):
+        return self.storage.get_transfer(tid).state
+
+    def close(self):
+        self.storage.close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    e.close()
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+def test_compute_backoff_doubles_and_caps():
+    assert [compute_backoff(n, 30, 600) for n in range(7)] == [0, 30, 60, 120, 240, 480, 600]
+    assert compute_backoff(10_000, 30, 600) == 600
+    assert compute_backoff(3, 0, 600) == 0
+
+
+def test_batched_never_exceeds_the_size():
+    assert [len(b) for b in batched(list(range(250)), 100)] == [100, 100, 50]
+    with pytest.raises(ValueError):
+        list(batched([1], 0))
+
+
+def test_document_mismatch_wants_size_name_and_document_id(env):
+    tid = env.transfer(500)
+    part = env.storage.list_parts(tid)[0]
+    info = env.port.channels[CHANNEL][part.message_id]
+    assert document_mismatch(part, info) is None
+    assert "gone" in document_mismatch(part, None)
+    assert "no document" in document_mismatch(part, dataclasses.replace(info, document=None))
+    doc = info.document
+    assert "size" in document_mismatch(part, dataclasses.replace(
+        info, document=dataclasses.replace(doc, size=doc.size + 1)))
+    assert "file name" in document_mismatch(part, dataclasses.replace(
+        info, document=dataclasses.replace(doc, file_name="other.bin")))
+    assert "document 1" in document_mismatch(part, dataclasses.replace(
+        info, document=dataclasses.replace(doc, id=1)))
+
+
+def test_sample_blocks_are_distinct_and_whole():
+    assert sample_blocks(3 * MIB + 1, 8) == [0, 1, 2, 3]
+    got = sample_blocks(40 * MIB, 3, random.Random(1))
+    assert len(set(got)) == 3 and got == sorted(got) and all(0 <= b < 40 for b in got)
+
+
+# -- checking ---------------------------------------------------------------------------------
+def test_nothing_is_checked_before_the_first_check_delay(env):
+    tid = env.transfer()
+    assert env.verifier.run_pass() == [] and env.port.calls == []
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.transfer_id, o.result, o.state) == (tid, "verified", "verified")
+    t = env.storage.get_transfer(tid)
+    assert t.lease_owner is None and t.last_check_at == env.clock.now
+    # a verified transfer waits for the end of the cleanup grace period (< slow cycle)
+    assert t.next_check_at == env.storage.list_parts(tid)[0].sent_at + env.settings.cleanup_grace_seconds
+    assert all(p.verified_at == env.clock.now and p.misses == 0 for p in env.storage.list_parts(tid))
+
+
+def test_ids_are_batched_at_most_100_per_call_per_channel(env):
+    ids = [env.transfer(100) for _ in range(130)]
+    ids += [env.transfer(100, channel="other_stash") for _ in range(30)]
+    ids.append(env.transfer(3 * MIB + 5, limit=MIB))  # 4 parts
+    env.due()
+    outcomes = env.verifier.run_pass()
+    assert sorted(o.transfer_id for o in outcomes) == sorted(ids)
+    assert {o.result for o in outcomes} == {"verified"}
+    sizes = sorted((ch, len(ids_)) for _, ch, ids_ in env.port.calls)
+    assert sizes == [("other_stash", 30), (CHANNEL, 34), (CHANNEL, 100)]
+    assert env.verifier.calls == 3
+
+
+def test_a_small_batch_size_is_honoured(tmp_path):
+    e = Env(tmp_path, batch_size=7)
+    try:
+        for _ in range(20):
+            e.transfer(50)
+        e.due()
+        e.verifier.run_until_idle()
+        assert [len(c[2]) for c in e.port.calls] == [7, 7, 6]
+    finally:
+        e.close()
+
+
+def test_an_error_is_not_a_pass_and_backs_off(env):
+    tid = env.transfer()
+    env.due()
+    env.port.failing = {"alice": TimeoutError("no answer"), "bob": RuntimeError("FLOOD_WAIT_30")}
+    [o] = env.verifier.run_pass()
+    assert o.result == "error" and "no answer" in o.detail and "FLOOD_WAIT_30" in o.detail
+    t = env.storage.get_transfer(tid)
+    assert t.state == "verifying" and t.lease_owner is None
+    assert t.next_check_at == env.clock.now + 30
+    parts = env.storage.list_parts(tid)
+    assert all(p.verified_at is None and p.misses == 0 for p in parts)  # neither pass nor miss
+    env.clock.now += 30
+    [o] = env.verifier.run_pass()
+    assert o.result == "error"
+    assert env.storage.get_transfer(tid).next_check_at == env.clock.now + 60  # doubled
+    # the next account answers when the first one cannot: that is a pass
+    env.port.failing = {"alice": TimeoutError("no answer")}
+    env.clock.now += 60
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+    assert [c[0] for c in env.port.calls[-2:]] == ["alice", "bob"]
+
+
+def test_no_readable_account_is_an_error_too(env):
+    tid = env.transfer()
+    env.due()
+    env.port.accounts = []
+    [o] = env.verifier.run_pass()
+    assert o.result == "error" and "no account can read" in o.detail
+    assert env.storage.list_parts(tid)[0].verified_at is None
+
+
+def test_a_missing_part_is_reuploaded_with_a_fresh_random_id(env):
+    tid = env.transfer(3 * MIB + 5, limit=MIB)
+    env.due()
+    before = env.storage.list_parts(tid)
+    env.port.delete(CHANNEL, before[2].message_id)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (2,))
+    t = env.storage.get_transfer(tid)
+    assert t.attempts == 1 and t.account is None and t.lease_owner is None
+    after = env.storage.list_parts(tid)
+    assert [p.message_id for p in after] == [p.message_id for p in before[:2]] + [None, before[3].message_id]
+    assert after[2].random_id != before[2].random_id and after[2].misses == 1
+    manifest = read_manifest(t.manifest_path)
+    assert manifest.parts[2].random_id == after[2].random_id  # manifest first, same id
+    assert [p.random_id for p in manifest.parts[:2]] == [p.random_id for p in before[:2]]
+    # the dispatcher/uploader resumes the part; the next check verifies it
+    env.upload(tid, parts={2})
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+    assert env.storage.list_parts(tid)[2].message_id != before[2].message_id
+
+
+def test_a_wrong_document_is_a_miss(env):
+    tid = env.transfer(500)
+    env.due()
+    part = env.storage.list_parts(tid)[0]
+    info = env.port.channels[CHANNEL][part.message_id]
+    env.port.channels[CHANNEL][part.message_id] = dataclasses.replace(
+        info, document=dataclasses.replace(info.document, size=499))
+    [o] = env.verifier.run_pass()
+    assert o.result == "reuploading" and "size 499" in o.detail
+
+
+@pytest.fixture
+def quick(tmp_path):
+    e = Env(tmp_path, first_check_delay_seconds=10.0)  # sooner than the 30 s backoff
+    yield e
+    e.close()
+
+
+def test_backoff_between_reuploads_then_max_attempts_fails_keeping_everything(quick):
+    env = quick
+    tid = env.transfer(800)
+    src = env.storage.get_transfer(tid).source_path
+    env.due()
+    results = []
+    for _ in range(3):  # max_attempts = 3
+        env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+        [o] = env.verifier.run_pass()
+        if o.result == "waiting":
+            t = env.storage.get_transfer(tid)
+            sent = env.storage.list_parts(tid)[0].sent_at
+            assert t.state == "verifying"
+            assert t.next_check_at == sent + compute_backoff(t.attempts, 30, 600)
+            results.append(("waiting", t.attempts))
+            env.clock.now = t.next_check_at
+            [o] = env.verifier.run_pass()
+        results.append((o.result, env.storage.get_transfer(tid).attempts))
+        env.upload(tid)
+        env.due()
+    assert results == [("reuploading", 1), ("waiting", 1), ("reuploading", 2),
+                       ("waiting", 2), ("reuploading", 3)]
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    [o] = env.verifier.run_pass()
+    t = env.storage.get_transfer(tid)
+    assert (o.result, t.state) == ("failed", "failed")
+    assert "missing after 3 re-upload(s)" in t.reason
+    assert os.path.exists(src) and os.path.exists(t.manifest_path)
+    assert env.storage.list_parts(tid)[0].misses == 6  # 4 deletions, each waiting check counts too
+    env.clock.now += 10 * 86400
+    assert env.verifier.run_pass() == []  # failed is left to the operator
+
+
+@pytest.mark.parametrize("change", ["modified", "touched", "gone"])
+def test_a_changed_original_fails_the_transfer_and_uploads_nothing(env, change):
+    tid = env.transfer(3000)
+    t = env.storage.get_transfer(tid)
+    env.due()
+    part = env.storage.list_parts(tid)[0]
+    env.port.delete(CHANNEL, part.message_id)
+    if change == "modified":  # same size, same mtime: only the hash tells
+        st = os.stat(t.source_path)
+        with open(t.source_path, "r+b") as fh:
+            fh.write(b"X" * 10)
+        os.utime(t.source_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "touched":
+        os.utime(t.source_path, ns=(1, 1))
+    else:
+        os.unlink(t.source_path)
+    [o] = env.verifier.run_pass()
+    t = env.storage.get_transfer(tid)
+    assert (o.result, t.state) == ("failed", "failed")
+    expected = {"modified": "original changed: part 1 differs",
+                "touched": "original changed", "gone": "original gone"}[change]
+    assert t.reason.startswith(expected), t.reason
+    after = env.storage.list_parts(tid)[0]
+    assert (after.random_id, after.message_id) == (part.random_id, part.message_id)  # nothing queued
+    assert read_manifest(t.manifest_path).parts[0].random_id == part.random_id
+
+
+def test_check_original_whole_file_and_parts(env):
+    tid = env.transfer(3 * MIB, limit=MIB)
+    m = read_manifest(env.storage.get_transfer(tid).manifest_path)
+    assert check_original(m) is None and check_original(m, [0, 2]) is None
+    with open(m.sources[0].path, "r+b") as fh:
+        fh.seek(2 * MIB + 5)
+        fh.write(b"!")
+    os.utime(m.sources[0].path, ns=(m.sources[0].mtime_ns, m.sources[0].mtime_ns))
+    assert check_original(m, [0, 1]) is None
+    assert "part 3 differs" in check_original(m, [2])
+    assert "content differs" in check_original(m)
+
+
+# -- cleanup ------------------------------------------------------------------------------------
+def test_cleanup_only_after_verified_and_the_grace_period(env):
+    tid = env.transfer(2000, delete_original=True)
+    t = env.storage.get_transfer(tid)
+    env.clock.now += 10
+    assert env.verifier.run_pass() == []
+    assert os.path.exists(t.source_path)  # not due, not verified: nothing touched
+    env.due()
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    [o] = env.verifier.run_pass()
+    assert o.result == "reuploading" and os.path.exists(t.source_path)
+    env.clock.now += 7200  # grace passed, but the transfer is not verified
+    assert os.path.exists(t.source_path)
+    env.upload(tid)
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified") and os.path.exists(t.source_path)
+    env.clock.now = env.storage.get_transfer(tid).next_check_at  # end of the grace period
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("cleaned", "cleaned")
+    assert not os.path.exists(t.source_path) and not os.path.exists(t.manifest_path)
+    rec = env.storage.get_transfer(tid)
+    assert rec.next_check_at == env.clock.now + env.settings.verified_interval_seconds
+    assert all(p.message_id is not None for p in env.storage.list_parts(tid))  # compact record
+    assert env.verifier.cleanups == 1
+
+
+def test_cleanup_keeps_the_original_when_the_policy_says_so_or_it_changed(env):
+    keep = env.transfer(100, delete_original=False)
+    changed = env.transfer(100, delete_original=True)
+    src = env.storage.get_transfer(changed).source_path
+    os.utime(src, ns=(5, 5))  # changed after upload: never deleted by cleanup
+    env.clock.now += 86400
+    outcomes = {o.transfer_id: o for o in env.verifier.run_pass()}
+    assert outcomes[keep].result == outcomes[changed].result == "cleaned"
+    assert os.path.exists(env.storage.get_transfer(keep).source_path)
+    assert not os.path.exists(env.storage.get_transfer(keep).manifest_path)
+    assert os.path.exists(src) and "changed since it was uploaded" in outcomes[changed].detail
+
+
+def test_a_failed_or_unverified_transfer_is_never_cleaned(env):
+    tid = env.transfer(100, delete_original=True)
+    cleaner = Cleaner(env.storage, grace_seconds=0, clock=env.clock)
+    t = env.storage.get_transfer(tid)
+    parts = env.storage.list_parts(tid)
+    with pytest.raises(TransferStateError):
+        cleaner.clean(t, parts)  # uploaded, not verified
+    env.storage.set_transfer_state(tid, "failed", reason="x")
+    with pytest.raises(TransferStateError):
+        cleaner.clean(env.storage.get_transfer(tid), parts)
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+
+
+def test_a_miss_after_cleanup_is_reported_as_lost(env):
+    tid = env.transfer(100, delete_original=True)
+    env.clock.now += 86400
+    [o] = env.verifier.run_pass()
+    assert o.result == "cleaned"
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    env.clock.now += env.settings.verified_interval_seconds  # the slow cycle
+    [o] = env.verifier.run_pass()
+    t = env.storage.get_transfer(tid)
+    assert (o.result, t.state) == ("lost", "failed")
+    assert t.reason.startswith("lost after cleanup: message")
+    assert len(env.lost) == 1 and env.lost[0][0].id == tid and env.lost[0][2] == [0]
+    assert env.verifier.lost == 1
+
+
+# -- duplicates, deep check, leases -----------------------------------------------------------
+def test_a_duplicate_follows_the_referenced_transfer(env):
+    orig = env.transfer(300, delete_original=False)
+    dup = env.transfer(300, delete_original=True, upload=False)
+    env.storage.mark_transfer_duplicate(dup, orig)
+    [o] = env.verifier.run_pass()  # the reference is not due for its first check yet
+    assert (o.transfer_id, o.result, o.state) == (dup, "following", "uploaded")
+    env.port.accounts = []  # the reference cannot be checked: the duplicate keeps following
+    env.due()
+    env.clock.now += 300
+    outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
+    assert outcomes == {orig: "error", dup: "following"}
+    assert os.path.exists(env.storage.get_transfer(dup).source_path)
+    env.port.accounts = ["alice"]
+    env.clock.now += 86400
+    outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
+    assert outcomes == {orig: "cleaned", dup: "cleaned"}
+    assert not os.path.exists(env.storage.get_transfer(dup).source_path)  # dup's policy
+    assert os.path.exists(env.storage.get_transfer(orig).source_path)     # orig's policy
+
+
+def test_a_duplicate_of_a_failed_transfer_fails(env):
+    orig = env.transfer(300)
+    dup = env.transfer(300, upload=False)
+    env.storage.mark_transfer_duplicate(dup, orig)
+    env.storage.set_transfer_state(orig, "failed", reason="original gone: /x")
+    [o] = env.verifier.run_pass()
+    assert o.result == "failed" and "referenced transfer" in o.detail
+    assert "original gone" in env.storage.get_transfer(dup).reason
+
+
+def test_deep_check_catches_a_document_that_is_not_ours(tmp_path):
+    e = Env(tmp_path, deep_check=True, deep_check_samples=2)
+    try:
+        good = e.transfer(3 * MIB + 100, limit=4 * MIB)
+        bad = e.transfer(3 * MIB + 100, limit=4 * MIB)
+        doc = e.port.channels[CHANNEL][e.storage.list_parts(bad)[0].message_id].document
+        e.port.blobs[doc.id] = os.urandom(3 * MIB + 100)  # same size, name, id: other bytes
+        e.due()
+        outcomes = {o.transfer_id: o for o in e.verifier.run_pass()}
+        assert outcomes[good].result == "verified"
+        assert outcomes[bad].result == "reuploading" and "not our document" in outcomes[bad].detail
+        assert all(off % MIB == 0 and lim == MIB for _, off, lim in e.port.downloads)
+        assert len([d for d in e.port.downloads if d[0] != doc.id]) == 2  # 2 samples of good
+    finally:
+        e.close()
+
+
+def test_two_verifiers_never_check_the_same_transfer(env):
+    ids = [env.transfer(50) for _ in range(30)]
+    env.due()
+    other = env.make_verifier("node/verifier#2")
+    other.claim_limit = env.verifier.claim_limit = 10
+    seen: list[str] = []
+    for _ in range(3):
+        for v in (env.verifier, other):
+            seen += [o.transfer_id for o in v.run_pass()]
+    assert sorted(seen) == sorted(ids) and len(set(seen)) == len(seen)
+
+
+def test_an_expired_lease_is_taken_over(env):
+    tid = env.transfer(50)
+    env.due()
+    dead = env.storage.claim_due_transfers("node/verifier#dead", 10, 120)
+    assert [t.id for t in dead] == [tid]
+    assert env.verifier.run_pass() == []
+    env.clock.now += 121
+    [o] = env.verifier.run_pass()
+    assert (o.transfer_id, o.result) == (tid, "verified")
+
+
+def test_a_reupload_interrupted_before_the_state_moved_is_finished(env):
+    """Crash after set_part_random_id but before "uploading": the part has no message."""
+    tid = env.transfer(100)
+    env.due()
+    part = env.storage.list_parts(tid)[0]
+    env.storage.record_check(tid, missing=[0], state="verifying")
+    env.storage.set_part_random_id(tid, 0, 4242)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("reuploading", "uploading")
+    assert env.storage.list_parts(tid)[0].random_id == 4242  # no second new id
+    assert part.message_id is not None
