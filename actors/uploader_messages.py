@@ -22,6 +22,18 @@ class UploadTransfer:
 
 
 @dataclass(frozen=True)
+class StopUpload:
+    """Stop the upload of ``transfer_id`` if it runs now (tell; e.g. its content claim is lost).
+
+    The running UploadTransfer ask fails with UploadStoppedError; what was sent
+    is recorded, the transfer stays "uploading" (resumable).
+    """
+
+    transfer_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class PartSent:
     index: int
     message_id: int

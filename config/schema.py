@@ -105,6 +105,7 @@ class UploadSettings:
     budget_bytes: int = 64 * 1024 * 1024  # in-flight part bytes across all uploads
     global_slots: int = 32  # upload parts in flight across all accounts
     delete_original: bool = False  # default policy: delete a file once verified
+    handover_after_seconds: float = 600.0  # a started transfer moves to another account after its own is down this long
 
 
 @dataclass(frozen=True)
@@ -715,6 +716,7 @@ SCHEMA: dict[str, Section | TableList] = {
         "budget_bytes": Integer(minimum=512 * 1024),
         "global_slots": Integer(minimum=1),
         "delete_original": Boolean(),
+        "handover_after_seconds": Float(minimum=0),
     }),
     "ingest": Section(IngestSettings, {
         "enabled": Boolean(),

@@ -29,7 +29,7 @@ class FakeClock:
 
 
 class Env:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, db_url=None):
         self.tmp = tmp_path
         self.clock = FakeClock()
         self.world = SimWorld(tmp_path / "sim", clock=self.clock)
@@ -39,7 +39,7 @@ class Env:
             {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
             base_dir=tmp_path, env={})
         self.session = write_session_file(tmp_path / "sessions" / "alice", self.alice.auth_key)
-        self.storage = open_storage(f"sqlite:///{tmp_path / 'stashd.db'}", clock=self.clock)
+        self.storage = open_storage(db_url or f"sqlite:///{tmp_path / 'stashd.db'}", clock=self.clock)
         factory = lambda: build_client(self.settings, self.session,  # noqa: E731
                                        transport_factory=lambda: LocalTransport(self.world))
         self.account = AccountActor.start("alice", self.session, self.settings, self.storage, None,
@@ -81,6 +81,14 @@ class Env:
 @pytest.fixture
 def env(tmp_path):
     e = Env(tmp_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def db_env(tmp_path, db_url):
+    """Env on SQLite and on PostgreSQL, for the tests that go through storage."""
+    e = Env(tmp_path, db_url)
     yield e
     e.close()
 
@@ -174,7 +182,8 @@ def start_uploader(env):
                                sleep=env.sleep)
 
 
-def test_uploader_actor_uploads_a_split_transfer_and_records_it(env):
+def test_uploader_actor_uploads_a_split_transfer_and_records_it(db_env):
+    env = db_env
     from actors.uploader_messages import UploadTransfer
     path, manifest = planned_transfer(env, 7 * MIB + 100, 3 * MIB)
     assert len(manifest.parts) == 3
@@ -189,7 +198,8 @@ def test_uploader_actor_uploads_a_split_transfer_and_records_it(env):
     assert env.storage.journaled_chunks(manifest.transfer_id, 0) == set()
 
 
-def test_uploader_actor_resumes_from_the_journal_after_a_failed_send(env):
+def test_uploader_actor_resumes_from_the_journal_after_a_failed_send(db_env):
+    env = db_env
     from actors.telegram.errors import RpcError
     from actors.uploader_messages import UploadTransfer
     path, manifest = planned_transfer(env, 5 * MIB, 3 * MIB)
@@ -236,3 +246,32 @@ def test_budget_leases_bound_the_chunks_in_memory(env):
     assert peak[0] == 2  # the window is 6, the byte budget two chunks
     snap = budget.ask(GetBudgetSnapshot(), timeout=10)
     assert (snap.reserved_bytes, snap.waiting, snap.slots_in_use) == (0, 0, 0)
+
+
+def test_stop_upload_ends_the_running_transfer_safely_and_it_resumes(db_env):
+    from actors.uploader import UploadStoppedError
+    from actors.uploader_messages import StopUpload, UploadTransfer
+    env = db_env
+    path, manifest = planned_transfer(env, 7 * MIB + 100, 3 * MIB)
+    uploader = start_uploader(env)
+    record = env.storage.record_part_sent
+
+    def record_then_stop(*args, **kw):      # the claim is lost right after part 1 is recorded
+        part = record(*args, **kw)
+        if part.index == 0:
+            uploader.tell(StopUpload(manifest.transfer_id, "content claim lost"))
+        return part
+
+    env.storage.record_part_sent = record_then_stop
+    with pytest.raises(UploadStoppedError, match="content claim lost"):
+        uploader.ask(UploadTransfer(manifest.transfer_id, "alice"), timeout=30)
+    assert env.storage.get_transfer(manifest.transfer_id).state == "uploading"
+    assert [p.message_id is not None for p in env.storage.list_parts(manifest.transfer_id)] == [
+        True, False, False]
+    # a stop for a transfer that is not running does nothing; the next ask resumes
+    assert uploader.ask(StopUpload("another", "x"), timeout=10) is False
+    result = uploader.ask(UploadTransfer(manifest.transfer_id, "alice"), timeout=30)
+    assert result.state == "uploaded"
+    assert env.count("SendMediaRequest") == 3             # each part sent once
+    data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in result.parts)
+    assert data == path.read_bytes()
