@@ -256,6 +256,7 @@ class Daemon:
                                        node=self.node)
         specs = [self._account_spec(p) for p in plans]
         if upload_enabled(s):
+            self.planner.recover_orphans(older_than=self.started_at)  # crash after a manifest write
             specs += self._upload_specs()
         self.supervisor = SupervisorActor.start(
             specs, on_exit=self._supervisor_gave_up,
@@ -367,7 +368,7 @@ class Daemon:
             return DispatcherActor.start(
                 self.storage, accounts=self._account_refs, uploaders=self._uploader_refs,
                 budget=_Relay(self._refs, BUDGET), node=self.node, metrics=self.metrics,
-                clock=self.clock)
+                clock=self.clock, handover_after=up.handover_after_seconds)
 
         specs = [ChildSpec(BUDGET, self._registered(BUDGET, budget), critical=True)]
         for i in range(1, up.uploaders + 1):

@@ -23,6 +23,16 @@ off), or a regular account's 2000 MiB minus that margin when no account is ready
 Claim owners are per transfer and per node (:func:`claim_owner`), so a
 restarted daemon on the same state dir re-takes its own claims while another
 process on a shared database is kept out until the lease expires.
+
+Orphan manifests: a crash between the manifest write and the row (fault point
+``after_manifest_write``) leaves a manifest no transfer refers to; nothing was
+uploaded for it (the uploader needs the row).  At start the daemon calls
+:meth:`TransferPlanner.recover_orphans`: an orphan whose source is unchanged
+and not queued meanwhile is queued *with that manifest* (same transfer id,
+split, random_ids; delete_original from the config, since the request's flag
+is not in the manifest); one whose source changed, vanished or left the roots,
+or whose content was queued again from the same path (the inbox, a retried
+``stashctl upload``), is removed.  An unreadable one is left for the operator.
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ from loguru import logger
 
 from actors.faults import fault_point
 from storage.manifest import (
-    UPLOAD_CHUNK_SIZE, Manifest, ManifestError, build_manifest, write_manifest,
+    UPLOAD_CHUNK_SIZE, Manifest, ManifestError, build_manifest, read_manifest, write_manifest,
 )
 
 __all__ = ["PathRefusedError", "TransferPlanner", "claim_owner", "node_id", "transfer_dict",
@@ -193,9 +203,57 @@ class TransferPlanner:
         return d / f"{transfer_id}{MANIFEST_SUFFIX}"
 
     def _queue(self, m: Manifest, delete_original: bool):
-        store, tid = self.storage, m.transfer_id
-        path = write_manifest(m, self.manifest_path(tid))
+        path = write_manifest(m, self.manifest_path(m.transfer_id))
         fault_point("after_manifest_write")
+        return self._insert(m, path, delete_original)
+
+    def recover_orphans(self, *, older_than: float | None = None) -> list:
+        """Queue or remove manifests without a transfer row (see module doc).
+
+        ``older_than``: only manifests last written before this time (epoch
+        seconds), so one being planned right now is never touched.
+        Returns the TransferRecords queued.
+        """
+        d = Path(self.settings.upload.manifests_dir or Path(self.settings.daemon.state_dir) / "manifests")
+        if not d.is_dir():
+            return []
+        queued = []
+        roots = self.roots()
+        for path in sorted(d.glob(f"*{MANIFEST_SUFFIX}")):
+            tid = path.name[: -len(MANIFEST_SUFFIX)]
+            try:
+                if self.storage.get_transfer(tid) is not None:
+                    continue
+                if older_than is not None and path.stat().st_mtime >= older_than:
+                    continue
+            except FileNotFoundError:
+                continue
+            try:
+                m = read_manifest(path)
+            except ManifestError as exc:
+                log.error("orphan manifest {} cannot be read, left for the operator: {}", path, exc)
+                continue
+            src = m.sources[0]
+            why = self._check_file(src.path, Path(os.path.realpath(src.path)), roots)
+            if why is None:
+                st = os.stat(src.path)
+                if (st.st_size, st.st_mtime_ns) != (src.size, src.mtime_ns):
+                    why = "changed since it was planned"
+            if why is None and any(t.source_path == src.path
+                                   for t in self.storage.transfer_for_sha256(m.sha256)):
+                why = "queued again meanwhile"
+            if why is not None:
+                log.info("orphan manifest {} ({}): source {}; removed, nothing was uploaded for it",
+                         path.name, src.path, why)
+                path.unlink(missing_ok=True)
+                continue
+            log.info("orphan manifest {}: queueing {} with it (a crash came before its row)",
+                     path.name, src.path)
+            queued.append(self._insert(m, path, bool(self.settings.upload.delete_original)))
+        return queued
+
+    def _insert(self, m: Manifest, path: Path, delete_original: bool):
+        store, tid = self.storage, m.transfer_id
         claim = store.claim_content(m.sha256, claim_owner(self.node, tid), self.lease_seconds, tid)
         src = m.sources[0]
         record = store.create_transfer(

@@ -169,3 +169,35 @@ def test_inbox_plans_only_settled_files_once(env):
     fresh = InboxScanner(planner(settings, storage), storage, inbox)   # after a restart
     fresh.scan()
     assert fresh.scan() == [] and len(storage.list_transfers()) == 1
+
+
+def test_orphan_manifests_are_queued_with_the_same_plan_or_removed(env):
+    """A crash at after_manifest_write leaves manifests without rows: recover_orphans."""
+    import time
+
+    from storage.manifest import build_manifest, write_manifest
+    settings, storage, root = env
+    p = planner(settings, storage)
+    files = {n: root / f"{n}.bin" for n in ("kept", "changed", "gone", "again")}
+    for name, f in files.items():
+        f.write_bytes(name.encode() * (MIB // 2))
+    orphans = {}
+    for name, f in files.items():   # what _queue leaves when it dies before the row
+        m = build_manifest(f, "stash_archive", MIB, caption=name)
+        orphans[name] = (m, write_manifest(m, p.manifest_path(m.transfer_id)))
+    files["changed"].write_bytes(b"different now")
+    files["gone"].unlink()
+    [requeued] = p.plan([str(files["again"])])        # e.g. the inbox planned it again
+    garbage = p.manifest_path("not-a-manifest")
+    garbage.write_bytes(b"\x00junk")
+
+    assert p.recover_orphans(older_than=time.time() - 3600) == []   # all written "just now"
+    [queued] = p.recover_orphans(older_than=time.time() + 1)
+    kept, kept_path = orphans["kept"]
+    assert (queued.id, queued.state, queued.manifest_path) == (kept.transfer_id, "planned", str(kept_path))
+    assert [(x.index, x.random_id) for x in storage.list_parts(queued.id)] == [
+        (x.index, x.random_id) for x in kept.parts]             # the manifest's plan, reused
+    left = sorted(x.name for x in p.manifest_path("x").parent.iterdir())
+    assert left == sorted([kept_path.name, f"{requeued.id}.stashd-manifest", garbage.name])
+    assert sorted(t.id for t in storage.list_transfers()) == sorted([kept.transfer_id, requeued.id])
+    assert p.recover_orphans(older_than=time.time() + 1) == []  # idempotent
