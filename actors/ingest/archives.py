@@ -16,6 +16,8 @@ API::
         #   "7z"         name.7z             single 7z
         #   "7z.nnn"     name.7z.001 ...     a 7z cut into byte pieces (7-Zip "-v")
     sniff_format(head: bytes) -> str | None         # "zip" / "rar" / "7z" from magic bytes
+    zip_disk_count(tail: bytes) -> int | None        # disks per a .zip's end record
+    rar_volume_flag(head: bytes) -> bool | None      # a .rar's main header: "volume"
     detect_archive(file_name, head=None) -> ArchiveName | None
         # by name; a name that is no archive name but whose head has archive
         # magic is a single archive of that format
@@ -43,6 +45,12 @@ Completeness rule (names say where a set starts, rarely where it ends):
   volume happens to be exactly full-size the names cannot tell: the caller
   passes ``settled=True`` (no new part for its settle time, or the scan of the
   channel has reached the present) and a gap-free run 1..n counts as complete.
+- What names cannot tell, bytes can: a lone ``.rar`` may be the head of
+  ``.rNN`` volumes, and ``.z01..zk + .zip`` looks whole when the last ``.zNN``
+  is missing. A caller that has the first bytes of the ``.rar`` / the last
+  64 KiB of the ``.zip`` passes ``SetPart(more_volumes=rar_volume_flag(head))``
+  / ``SetPart(disks=zip_disk_count(tail))`` and the rule uses them; the index
+  reports a spanned zip with missing volumes as corrupt in any case.
 - Duplicated numbers (the same volume posted twice) keep the first and are
   listed in ``SetStatus.duplicates``; they never make a set complete.
 
@@ -115,6 +123,11 @@ class SetPart:
     name: ArchiveName
     size: int
     ref: Any = None  # e.g. (channel_id, message_id); returned untouched
+    # What the volume's own bytes say, when the caller has read them (optional):
+    # the .zip tail's end record counts the disks (zip_disk_count), the first
+    # RAR volume's main header says whether more volumes follow (rar_volume_flag).
+    disks: int | None = None
+    more_volumes: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -233,10 +246,15 @@ def _spanned_zip(parts: list[SetPart]) -> SetStatus:
     if not tail:
         return SetStatus(False, None, ordered, missing, tuple(dups),
                          f"waiting for the final .zip after {len(volumes)} volume(s)", nums)
+    expected = top + 1
+    declared = tail[0].disks
+    if declared is not None and declared > expected:  # the tail counts more disks
+        expected = declared
+        missing = tuple(sorted(set(range(1, declared)) - set(numbers)))
     if missing:
-        return SetStatus(False, top + 1, ordered, missing, tuple(dups),
+        return SetStatus(False, expected, ordered, missing, tuple(dups),
                          f"missing volume(s) {_numbers_text(missing)}", nums)
-    return SetStatus(True, top + 1, ordered, (), tuple(dups), "", nums)
+    return SetStatus(True, expected, ordered, (), tuple(dups), "", nums)
 
 
 def _byte_split(parts: list[SetPart], *, settled: bool) -> SetStatus:
@@ -251,6 +269,9 @@ def _byte_split(parts: list[SetPart], *, settled: bool) -> SetStatus:
         if len(smaller) == 1 and smaller[0] == max(numbers):
             expected = smaller[0]  # the one short volume is the last
     lone_rar = kept[0].name.scheme == "rar" and numbers == [1]
+    if lone_rar and kept[0].more_volumes:
+        return SetStatus(False, None, tuple(kept), (), tuple(dups),
+                         "the .rar says more volumes follow (.r00...)", tuple(numbers))
     if lone_rar:
         expected = 1  # a .rar without .rNN volumes is a single archive
     top = expected or max(numbers)
@@ -274,6 +295,70 @@ def _byte_split(parts: list[SetPart], *, settled: bool) -> SetStatus:
 def _numbers_text(numbers: Sequence[int]) -> str:
     shown = ", ".join(str(n) for n in numbers[:10])
     return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+
+
+# --------------------------------------------------------------------------- volume headers
+
+
+def zip_disk_count(tail: bytes) -> int | None:
+    """Disks of a zip according to its end of central directory record, found in
+    ``tail`` (the last up to 64 KiB + 22 bytes of the final volume); None if absent.
+
+    1 for an ordinary (or byte-split) zip; k + 1 for a spanned set .z01...zk + .zip.
+    """
+    tail = bytes(tail)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    disk = int.from_bytes(tail[at + 4:at + 6], "little")
+    if disk == 0xFFFF:  # zip64: the real number is in the zip64 locator before it
+        loc = tail.rfind(b"PK\x06\x07", 0, at)
+        if loc < 0 or at - loc < 20:
+            return None
+        return int.from_bytes(tail[loc + 16:loc + 20], "little")
+    return disk + 1
+
+
+def _vint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("truncated vint")
+
+
+def rar_volume_flag(head: bytes) -> bool | None:
+    """Whether a RAR file's main header says it is a volume of a multi-volume set.
+
+    ``head``: the first few hundred bytes. None when it cannot tell (not RAR,
+    too short, or RAR5 with encrypted headers).
+    """
+    head = bytes(head)
+    try:
+        if head.startswith(b"Rar!\x1a\x07\x01\x00"):  # RAR5: crc32, size, type, flags ...
+            pos = 8 + 4
+            _, pos = _vint(head, pos)           # header size
+            kind, pos = _vint(head, pos)
+            if kind != 1:                       # 4 = encryption header: cannot tell
+                return None
+            flags, pos = _vint(head, pos)
+            if flags & 0x0001:
+                _, pos = _vint(head, pos)       # extra area size
+            if flags & 0x0002:
+                _, pos = _vint(head, pos)       # data size
+            archive_flags, pos = _vint(head, pos)
+            return bool(archive_flags & 0x0001)
+        if head.startswith(b"Rar!\x1a\x07\x00"):      # RAR 1.5-4: crc16, type 0x73, flags
+            if len(head) < 7 + 5 or head[9] != 0x73:
+                return None
+            return bool(int.from_bytes(head[10:12], "little") & 0x0001)
+    except ValueError:
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- content
