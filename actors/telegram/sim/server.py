@@ -7,9 +7,11 @@ request through ``SimWorld.handle_bytes`` and is answered by
 Control ops (``seed``, ``inspect``, ``delete``, ``fault``, ``post``, ``ping``)
 are answered by ``{"id", "ok": True, "result"}`` or ``{"id", "ok": False,
 "message"}``.  Requests on one connection run concurrently and may be answered
-out of order.  World calls run in worker threads so the loop stays responsive;
+out of order.  Control calls run in worker threads so the loop stays responsive;
 per-request latency and bandwidth faults are ``asyncio.sleep``s, so requests of
-many connections overlap while each one still takes its simulated time.
+many connections overlap while each one still takes its simulated time.  TL
+requests themselves run on the loop (``inline_invokes``; they are short), control
+operations in worker threads.
 """
 from __future__ import annotations
 
@@ -221,7 +223,8 @@ class SimServer:
     """
 
     def __init__(self, state_dir: str | Path, socket_path: str | Path | None = None, *,
-                 world: Any = None, max_frame_bytes: int = MAX_FRAME_BYTES, workers: int = 8):
+                 world: Any = None, max_frame_bytes: int = MAX_FRAME_BYTES, workers: int = 8,
+                 inline_invokes: bool = True):
         self.state_dir = Path(state_dir).resolve()
         self.socket_path = Path(socket_path).resolve() if socket_path else default_socket_path(self.state_dir)
         self.pid_path = self.state_dir / PID_NAME
@@ -229,6 +232,11 @@ class SimServer:
         self._world = world
         self._owns_world = world is None
         self._workers = workers
+        # TL requests run on the loop thread itself: each takes well under a
+        # millisecond (a part is one pwrite, sendMedia a hard link), and the
+        # hand-off to a worker thread and back cost more CPU than the request.
+        # Control ops (seed, inspect, post, ...) still run in worker threads.
+        self.inline_invokes = inline_invokes
         self._executor: ThreadPoolExecutor | None = None
         self._server: asyncio.AbstractServer | None = None
         self._socket_inode: int | None = None
@@ -416,7 +424,10 @@ class SimServer:
         key = int(message.get("key") or 0)
         name = str(message.get("name") or "")
         data = message.get("data") or b""
-        outcome = await self._in_worker(self._process, key, name, data)
+        if self.inline_invokes:
+            outcome = self._process(key, name, data)
+        else:
+            outcome = await self._in_worker(self._process, key, name, data)
         if outcome is None:
             logger.bind(actor="sim").debug("dropping connection at {}", name)
             writer.transport.abort()

@@ -72,6 +72,7 @@ class SimState:
             self.dir / "world.sqlite3", check_same_thread=False, isolation_level=None
         )
         self.db.row_factory = sqlite3.Row
+        self._key_users: dict[int, int | None] = {}   # auth key id -> user id (cleared on rollback)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -96,7 +97,7 @@ class SimState:
         return self.db.execute(sql, args)
 
     def transaction(self):
-        return _Txn(self.db)
+        return _Txn(self.db, self._key_users.clear)
 
     def get_meta(self, key: str) -> str | None:
         row = self.one("SELECT value FROM meta WHERE key=?", key)
@@ -129,10 +130,19 @@ class SimState:
         return None
 
     def user_for_key(self, key_id: int) -> int | None:
-        row = self.one("SELECT user_id FROM auth_keys WHERE key_id=?", signed64(key_id))
-        return row[0] if row else None
+        key_id = signed64(key_id)
+        try:
+            return self._key_users[key_id]   # asked 3 times per request: cached
+        except KeyError:
+            pass
+        row = self.one("SELECT user_id FROM auth_keys WHERE key_id=?", key_id)
+        user_id = row[0] if row else None
+        if row is not None:
+            self._key_users[key_id] = user_id
+        return user_id
 
     def bind_key(self, key_id: int, user_id: int | None) -> None:
+        self._key_users.pop(signed64(key_id), None)
         self.run(
             "INSERT OR REPLACE INTO auth_keys(key_id, user_id) VALUES(?, ?)",
             signed64(key_id), user_id,
@@ -238,8 +248,8 @@ class SimState:
 class _Txn:
     """``with state.transaction():`` — BEGIN IMMEDIATE ... COMMIT / ROLLBACK."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    def __init__(self, db: sqlite3.Connection, on_rollback=None):
+        self.db, self.on_rollback = db, on_rollback
 
     def __enter__(self):
         self.db.execute("BEGIN IMMEDIATE")
@@ -247,4 +257,6 @@ class _Txn:
 
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type and self.on_rollback is not None:
+            self.on_rollback()
         return False

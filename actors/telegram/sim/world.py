@@ -125,10 +125,14 @@ class SimWorld:
             return self._state.user_for_key(auth_key_id)
 
     def delay_for(self, auth_key_id: int, request_name: str, nbytes: int) -> float:
+        if not self._faults.faults:   # no fault at all: no lock, no lookup
+            return 0.0
         with self._lock:
             return self._faults.delay_for(request_name, self._state.user_for_key(auth_key_id), nbytes)
 
     def should_drop(self, auth_key_id: int, request_name: str) -> bool:
+        if not self._faults.faults:
+            return False
         with self._lock:
             return self._faults.should_drop(request_name, self._state.user_for_key(auth_key_id))
 
