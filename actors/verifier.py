@@ -18,3 +18,184 @@ process and actor; on start the leases of an earlier verifier of the same node
 are the running accounts whose stored state is ready or cooling_down, the part's
 sending account first.
 """
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any, Callable, Sequence
+
+import pykka
+from loguru import logger
+
+from actors.account_messages import DownloadRange, GetMessages
+from actors.supervision import SupervisedMixin
+from actors.verifier_core import Verifier
+from actors.verifier_messages import (
+    GetVerifierStatus, Tick, VerifierStatusResult, VerifyNow, VerifyResult,
+)
+
+__all__ = ["AccountsMessagePort", "VerifierActor", "verifier_owner", "marker_adopter"]
+
+READER_STATES = ("ready", "cooling_down")
+OWNER_MARK = "/verifier#"
+
+
+def verifier_owner(node: str) -> str:
+    """A lease owner unique per process and actor, recognisable per node."""
+    return f"{node}{OWNER_MARK}{secrets.token_hex(6)}"
+
+
+class AccountsMessagePort:
+    """MessagePort over AccountActor refs (asked with a timeout from the verifier's thread)."""
+
+    def __init__(self, storage: Any, accounts: Callable[[], dict[str, Any]], *,
+                 timeout: float = 60.0):
+        self.storage, self._accounts, self.timeout = storage, accounts, timeout
+
+    def _ref(self, account: str) -> Any:
+        ref = self._accounts().get(account)
+        if ref is None or not ref.is_alive():
+            raise LookupError(f"account {account} is not running")
+        return ref
+
+    def readers(self, channel: str, preferred: Sequence[str] = ()) -> list[str]:
+        refs = self._accounts()
+        try:
+            states = {a.name: a.state for a in self.storage.list_accounts()}
+        except Exception:  # noqa: BLE001 - storage hiccup: try the running ones
+            states = {}
+        names = []
+        for name, ref in refs.items():
+            if ref is None or not ref.is_alive():
+                continue
+            if states.get(name, "ready") not in READER_STATES:
+                continue
+            try:
+                if "GetMessagesRequest" in self.storage.active_flood_waits(name):
+                    continue
+            except Exception:  # noqa: BLE001
+                pass
+            names.append(name)
+        rank = {n: i for i, n in enumerate(preferred)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+    def get_messages(self, account: str, channel: str, ids: tuple[int, ...]) -> tuple[Any, ...]:
+        return self._ref(account).ask(GetMessages(channel, tuple(ids)), timeout=self.timeout).messages
+
+    def download_range(self, account: str, document: Any, offset: int, limit: int) -> bytes:
+        return self._ref(account).ask(DownloadRange(document, offset, limit), timeout=self.timeout)
+
+
+def marker_adopter(port: AccountsMessagePort) -> Callable[..., dict]:
+    """The Verifier's ``adopt`` hook over actors.adoption (W2): search the destination for
+    the transfer's caption marker and match the parts about to be uploaded again."""
+    from actors.adoption import adoptable, search_marker
+
+    def adopt(transfer: Any, parts: list, manifest: Any) -> dict:
+        readers = port.readers(transfer.destination, [p.account for p in parts if p.account])
+        if not readers:
+            return {}
+        account = readers[0]
+        ref = port._ref(account)  # noqa: SLF001
+        messages = asyncio.run(search_marker(ref, transfer.destination, manifest.caption_marker,
+                                             timeout=port.timeout, max_pages=5))
+        lost = {p.message_id for p in parts}
+        messages = [m for m in messages if m.id not in lost]
+        import dataclasses
+        unsent = [dataclasses.replace(p, message_id=None) for p in parts]
+        found = adoptable(unsent, messages, transfer.id)
+        return {i: (m.id, m.document.id if m.document else None, account) for i, m in found.items()}
+
+    return adopt
+
+
+class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
+    """See the module docstring. Ticks coalesce: an idle verifier claims at most every
+    ``idle_seconds``; after a full batch the next pass follows at once (told to itself,
+    so VerifyNow and status asks get in between)."""
+
+    def __init__(self, storage: Any, settings: Any, *, accounts: Callable[[], dict[str, Any]],
+                 node: str, metrics: Any = None, clock: Callable[[], float] = time.time,
+                 request_timeout: float = 60.0, adopt: Any = True,
+                 on_lost: Callable[..., Any] | None = None, idle_seconds: float = 5.0,
+                 monotonic: Callable[[], float] = time.monotonic, rng: Any = None,
+                 claim_limit: int | None = None):
+        super().__init__()
+        self.storage, self.settings, self.node = storage, settings, node
+        self.owner = verifier_owner(node)
+        self.port = AccountsMessagePort(storage, accounts, timeout=request_timeout)
+        if adopt is True:
+            try:
+                adopt = marker_adopter(self.port)
+            except ImportError:
+                adopt = None
+        self.core = Verifier(storage, self.port, settings, owner=self.owner, clock=clock, rng=rng,
+                             metrics=metrics, adopt=adopt or None, on_lost=on_lost,
+                             claim_limit=claim_limit)
+        self._clock, self._monotonic, self._idle = clock, monotonic, idle_seconds
+        self._next_idle_pass = 0.0
+        self._passes = 0
+        self._last_pass_at: float | None = None
+        self._log = logger.bind(actor="verifier")
+
+    def on_start(self) -> None:
+        released = self.storage.release_transfer_leases(f"{self.node}{OWNER_MARK}", keep=self.owner)
+        self._log.info("verifier {} started{}", self.owner,
+                       f"; released {released} lease(s) of an earlier verifier" if released else "")
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Tick():
+                self._tick()
+            case VerifyNow(transfer_id=tid):
+                return self._verify_now(tid)
+            case GetVerifierStatus():
+                return self._status()
+            case _:
+                self._log.warning("ignoring unexpected message {!r}", message)
+        return None
+
+    # -- passes ----------------------------------------------------------------------------
+    def _pass(self) -> list:
+        outcomes = self.core.run_pass()
+        self._passes += 1
+        self._last_pass_at = self._clock()
+        for o in outcomes:
+            if o.result not in ("verified", "following"):
+                self._log.info("check: {}", o)
+        return outcomes
+
+    def _tick(self) -> None:
+        if not self.settings.enabled or self._monotonic() < self._next_idle_pass:
+            return
+        outcomes = self._pass()
+        if len(outcomes) >= self.core.claim_limit:
+            self.actor_ref.tell(Tick())  # more is due: go on after what is queued
+        else:
+            self._next_idle_pass = self._monotonic() + self._idle
+
+    def _verify_now(self, transfer_id: str | None) -> VerifyResult:
+        scheduled = self.storage.schedule_check(transfer_id)
+        outcomes: list = []
+        for _ in range(50):  # bounded: what was made due now is ahead of later checks
+            got = self._pass()
+            outcomes += got
+            if not got or (transfer_id is not None and any(o.transfer_id == transfer_id for o in got)):
+                break
+        if transfer_id is not None:
+            outcomes = [o for o in outcomes if o.transfer_id == transfer_id]
+        return VerifyResult(scheduled, tuple(outcomes))
+
+    def _status(self) -> VerifierStatusResult:
+        core = self.core
+        try:
+            due, lag = self.storage.count_due_checks(), core.lag_seconds()
+        except Exception as exc:  # noqa: BLE001
+            due, lag = -1, 0.0
+            self._log.warning("status: storage failed: {}", exc)
+        return VerifierStatusResult(
+            owner=self.owner, enabled=self.settings.enabled, passes=self._passes,
+            last_pass_at=self._last_pass_at, due=due, lag_seconds=round(lag, 3),
+            checks=dict(core.checks), outcomes=dict(core.outcomes), reuploads=core.reuploads,
+            cleanups=core.cleanups, lost=core.lost, last_error=core.last_error)

@@ -25,7 +25,9 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
    verifying, due when it is; else the original is checked
    (:func:`check_original`: size, mtime, sha256 of the part's range) -- gone
    or changed -> failed with that reason, nothing uploaded -- then, per
-   missing part, the optional ``adopt`` hook (caption-marker search) and a
+   missing part, the optional ``adopt(transfer, parts, manifest)`` hook
+   (caption-marker search; -> {index: (message_id, document_id, account)},
+   the lost message itself never counts) and else a
    fresh random_id written into the manifest first
    (``storage.manifest.rewrite_part_random_id``) then
    ``storage.set_part_random_id``; state -> uploading (attempts + 1, account
@@ -481,20 +483,27 @@ class Verifier:
         if changed is not None:
             return self._fail(t, changed, missing)
         by_index = {p.index: p for p in parts}
-        adopted = []
+        adopted = self._adopt(t, [by_index[i] for i in missing + unsent], manifest)
         for index in missing:
-            if self.adopt is not None and self._adopt(t, by_index[index], manifest):
-                adopted.append(index)
-                continue
-            random_id = random_int64(self.rng)
-            rewrite_part_random_id(t.manifest_path, index, random_id)  # manifest first
-            self.storage.set_part_random_id(t.id, index, random_id)
+            part = by_index[index]
+            if index in adopted:  # an orphan carries this part already: record it, send nothing
+                self.storage.set_part_random_id(t.id, index, part.random_id)  # forget the lost one
+            else:
+                random_id = random_int64(self.rng)
+                rewrite_part_random_id(t.manifest_path, index, random_id)  # manifest first
+                self.storage.set_part_random_id(t.id, index, random_id)
+        for index, (message_id, document_id, account) in sorted(adopted.items()):
+            self.storage.record_part_sent(t.id, index, message_id=message_id,
+                                          document_id=document_id, account=account)
+            self._log.info("transfer {} part {}: adopted message {} (caption marker)", t.id,
+                           index + 1, message_id)
         todo = [i for i in missing + unsent if i not in adopted]
         if not todo:
             rec = self.storage.mark_transfer_uploaded(
                 t.id, first_check_delay=self.settings.first_check_delay_seconds)
             return TransferOutcome(t.id, "reuploading", rec.state, tuple(missing),
-                                   f"adopted existing message(s) for part(s) {[i + 1 for i in adopted]}")
+                                   f"adopted existing message(s) for part(s) "
+                                   f"{[i + 1 for i in sorted(adopted)]}")
         attempt = t.attempts + 1
         rec = self.storage.set_transfer_state(
             t.id, "uploading", expected=("verifying",), attempts=attempt, account=None,
@@ -505,23 +514,19 @@ class Verifier:
                           [i + 1 for i in todo], attempt, self.settings.max_attempts)
         return TransferOutcome(t.id, "reuploading", rec.state, tuple(missing), why)
 
-    def _adopt(self, t: TransferRecord, part: PartRecord, manifest: Manifest) -> bool:
-        """Ask the adoption hook for a message already carrying this part (caption marker)."""
+    def _adopt(self, t: TransferRecord, parts: list[PartRecord],
+               manifest: Manifest) -> dict[int, tuple[int, int | None, str]]:
+        """Messages already carrying these parts (the ``adopt`` hook: a caption-marker
+        search), never the lost message itself: index -> (message id, document id, account)."""
+        if self.adopt is None or not parts:
+            return {}
         try:
-            found = self.adopt(t, part, manifest)
+            found = dict(self.adopt(t, parts, manifest) or {})
         except Exception as exc:  # noqa: BLE001 - no adoption: upload again
-            self._log.warning("transfer {} part {}: adoption search failed: {}", t.id, part.index, exc)
-            return False
-        if not found:
-            return False
-        message_id, document_id, account = found
-        if message_id == part.message_id:
-            return False  # the message we know is gone; that is not an orphan
-        self.storage.set_part_random_id(t.id, part.index, part.random_id)  # forget the lost one
-        self.storage.record_part_sent(t.id, part.index, message_id=message_id,
-                                      document_id=document_id, account=account)
-        self._log.info("transfer {} part {}: adopted message {}", t.id, part.index, message_id)
-        return True
+            self._log.warning("transfer {}: adoption search failed, uploading again: {}", t.id, exc)
+            return {}
+        lost = {p.index: p.message_id for p in parts}
+        return {i: v for i, v in found.items() if i in lost and v[0] != lost[i]}
 
     # -- duplicates ------------------------------------------------------------------------------
     def _follow(self, t: TransferRecord) -> TransferOutcome:
