@@ -1,0 +1,181 @@
+"""SetRecorder and SetWorker on the simulated Telegram with real storage (SQLite and
+PostgreSQL): sets recorded from scanned pages, de-duplication by Telegram document id
+before any byte and by sha256 after the download, too large and incomplete sets."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import zipfile
+
+import pytest
+
+from actors.account_messages import GetHistory
+from actors.ingest.pipeline import IngestAccountPort, Phase2, SetRecorder, SetWorker
+from actors.ingest.scan import Page, Target
+from actors.transfers import TransferPlanner
+from ingest_sim import MIB, SimEnv
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def zip_bytes(n_files: int = 3, size: int = 200_000, seed: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(n_files):
+            zf.writestr(f"dir/file{i}.bin", seed + os.urandom(size))
+    return buf.getvalue()
+
+
+class Rig:
+    def __init__(self, env: SimEnv, *, max_archive_bytes: int = 8 * 1024 ** 3, settle: float = 3600.0):
+        self.env = env
+        self.storage = env.storage
+        self.planner = TransferPlanner(env.storage, env.settings, env.clock, node="node-1")
+        self.recorder = SetRecorder(env.storage, max_archive_bytes=max_archive_bytes, clock=env.clock,
+                                    settle_seconds=settle)
+        self.worker = SetWorker(env.storage, self.planner, env.settings, node="node-1",
+                                staging_dir=env.tmp / "staging", window=4, clock=env.clock)
+        self.worker.max_bytes = max_archive_bytes
+
+    def scan(self, account: str, channel: str, channel_id: int, topic_id=None, since: int = 0):
+        msgs = self.env.refs[account].ask(GetHistory(channel, topic_id, since), timeout=20).messages
+        target = Target(channel, channel_id, topic_id)
+        page = Page(msgs, max((m.id for m in msgs), default=since))
+        out = self.recorder.record_page(target, page, account=account)
+        for key in out.set_keys:
+            self.recorder.refresh_set(key, at_present=True, account=account, outcome=out)
+        return out
+
+    def ingest_ready(self, account: str, channel_id: int):
+        owner = self.worker.set_owner(account)
+        port = IngestAccountPort(self.env.refs[account], timeout=20)
+        outcomes, tried = [], set()
+        while claimed := self.storage.claim_ready_sets(owner, 1, 600, channel_id=channel_id,
+                                                       states=("ready", "downloading")):
+            if claimed[0].set_key in tried:  # as the IngestActor does: once per round
+                self.storage.release_set_lease(claimed[0].set_key, owner)
+                break
+            tried.add(claimed[0].set_key)
+            outcomes.append(asyncio.run(self.worker.process(claimed[0], port, account=account)))
+        return outcomes
+
+    def pretend_uploaded(self, transfer_id: str) -> None:
+        """Phase 1 as the uploader records it (the upload itself is the uploader's test)."""
+        for p in self.storage.list_parts(transfer_id):
+            self.storage.record_part_sent(transfer_id, p.index, message_id=1000 + p.index,
+                                          document_id=None, account="alice")
+        self.storage.mark_transfer_uploaded(transfer_id)
+
+
+@pytest.fixture
+def env(tmp_path, db_url):
+    e = SimEnv(tmp_path, db_url)
+    yield e
+    e.close()
+
+
+def test_page_records_archives_once_and_sets_become_ready(env):
+    rig = Rig(env)
+    env.post("one.zip", zip_bytes())
+    env.post("notes.txt", b"hello")                  # not an archive: not recorded
+    env.post("two.7z.001", os.urandom(3000))          # a byte split set, part 2 not seen yet
+    out = rig.scan("alice", "sim_source_a", env.source_a)
+    assert (out.seen, out.known, out.others) == (2, 0, 1)
+    states = {s.base_name: s.state for s in env.storage.list_archive_sets()}
+    assert states == {"one": "ready", "two": "waiting"}
+    again = rig.scan("bob", "sim_source_a", env.source_a)  # the other account: nothing new to it
+    assert (again.seen, again.known) == (0, 2)
+
+
+def test_forward_is_skipped_before_any_byte_and_same_bytes_after_download(env):
+    rig = Rig(env)
+    data = zip_bytes()
+    original = env.post("pack.zip", data)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [queued] = rig.ingest_ready("alice", env.source_a)
+    assert queued.result == "queued" and queued.sha256 == hashlib.sha256(data).hexdigest()
+    assert queued.downloaded_bytes == len(data)
+    t = env.storage.get_transfer(queued.transfer_id)
+    assert t.state == "planned" and t.sha256 == queued.sha256 and t.delete_original
+    assert env.storage.get_package_meta(queued.sha256).index_state == "pending"
+
+    # a forward of it in another channel (same Telegram document): skipped with no download
+    env.forward(env.source_a, original, env.source_b)
+    gets = env.count("bob", "GetFileRequest")
+    rig.scan("bob", "sim_source_b", env.source_b)
+    [dup] = rig.ingest_ready("bob", env.source_b)
+    assert (dup.result, dup.transfer_id, dup.detail) == ("duplicate", queued.transfer_id, "document id")
+    assert env.count("bob", "GetFileRequest") == gets
+    [skip] = env.storage.list_skips(channel_id=env.source_b)
+    assert skip.reason == "duplicate"
+
+    # the same bytes posted again as a new document: downloaded, then the sha256 claim says
+    # "stored already" once the first one is uploaded
+    rig.pretend_uploaded(queued.transfer_id)
+    env.post("pack-again.zip", data, channel=env.source_b)
+    rig.scan("bob", "sim_source_b", env.source_b)
+    [dup2] = rig.ingest_ready("bob", env.source_b)
+    assert (dup2.result, dup2.transfer_id, dup2.detail) == ("duplicate", queued.transfer_id, "sha256")
+    assert dup2.downloaded_bytes == len(data)
+    assert env.storage.transfer_for_sha256(queued.sha256) == [env.storage.get_transfer(queued.transfer_id)]
+    assert not list((env.tmp / "staging").glob("*pack-again*/*"))  # its staged copy is gone
+
+
+def test_same_bytes_while_the_first_is_still_uploading_waits(env):
+    rig = Rig(env)
+    data = zip_bytes()
+    env.post("a.zip", data)
+    env.post("b.zip", data, channel=env.source_b)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [first] = rig.ingest_ready("alice", env.source_a)
+    rig.scan("alice", "sim_source_b", env.source_b)
+    [busy] = rig.ingest_ready("alice", env.source_b)
+    assert busy.result == "busy" and "content claimed by" in busy.detail
+    [s] = env.storage.list_archive_sets(channel_id=env.source_b)
+    assert s.state == "downloading" and s.lease_owner is None  # claimable again later
+    rig.pretend_uploaded(first.transfer_id)
+    gets = env.count("alice", "GetFileRequest")
+    [dup] = rig.ingest_ready("alice", env.source_b)
+    assert dup.result == "duplicate" and dup.transfer_id == first.transfer_id
+    assert env.count("alice", "GetFileRequest") == gets  # resumed from the staged file: no bytes again
+
+
+def test_too_large_and_incomplete_sets_are_reported(env):
+    rig = Rig(env, max_archive_bytes=100_000, settle=600)
+    env.post("big.zip", os.urandom(150_000))
+    env.post("half.zip.002", os.urandom(4096))  # part 1 never came
+    out = rig.scan("alice", "sim_source_a", env.source_a)
+    assert out.skipped == {"too_large": 1}
+    assert {s.base_name: s.state for s in env.storage.list_archive_sets()} == \
+        {"big": "skipped", "half": "waiting"}
+    env.clock.now += 601  # the half set has waited its settle time: reported, still waiting
+    out = rig.scan("alice", "sim_source_a", env.source_a, since=10_000)
+    rig.recorder.refresh_waiting(env.source_a, at_present=True, account="alice", outcome=out)
+    assert out.skipped == {"incomplete_set": 1}
+    assert env.storage.skips_by_reason(channel_id=env.source_a) == {"too_large": 1, "incomplete_set": 1}
+    [half] = env.storage.list_archive_sets("waiting")
+    assert half.base_name == "half"
+    assert rig.ingest_ready("alice", env.source_a) == []  # nothing ready: no download at all
+    assert env.count("alice", "GetFileRequest") == 0
+
+
+def test_phase2_follows_the_upload_and_indexes_the_archive(env):
+    rig = Rig(env)
+    data = zip_bytes(n_files=4)
+    env.post("idx.zip", data)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [queued] = rig.ingest_ready("alice", env.source_a)
+    phase2 = Phase2(env.storage, node="node-1", clock=env.clock)
+    assert phase2.follow_uploads().ingested == 0  # still planned
+    assert asyncio.run(phase2.index_pending()).indexed == {}  # nothing uploaded: nothing to index
+    rig.pretend_uploaded(queued.transfer_id)
+    assert phase2.follow_uploads().ingested == 1
+    [s] = env.storage.list_archive_sets()
+    assert s.state == "ingested" and s.transfer_id == queued.transfer_id
+    assert asyncio.run(phase2.index_pending()).indexed == {"ok": 1}
+    meta = env.storage.get_package_meta(queued.sha256)
+    assert meta.index_state == "ok" and meta.archive_format == "zip"
+    assert [e.path for e in env.storage.package_entries(queued.sha256)] == \
+        [f"dir/file{i}.bin" for i in range(4)]
