@@ -37,19 +37,21 @@ def uploaded(monkeypatch):
     return done
 
 
-@pytest.fixture
-def env(tmp_path):
+def build(tmp_path, db_url, *, users=("alice", "bob"), configured=None):
+    """World, settings and a Daemon (not started); sessions only for ``configured`` users."""
     world = SimWorld(tmp_path / "sim")
-    users = {n: world.create_user(n.title(), username=n) for n in ("alice", "bob")}
+    users = {n: world.create_user(n.title(), username=n) for n in users}
     channel = world.create_channel("Stash", username="stash_archive",
                                    admins=[u.user_id for u in users.values()])
     for name, user in users.items():
-        write_session_file(tmp_path / "sessions" / f"{name}.session", user.auth_key)
+        if configured is None or name in configured:
+            write_session_file(tmp_path / "sessions" / f"{name}.session", user.auth_key)
     root = tmp_path / "files"
     root.mkdir()
     settings = settings_from_dict({
         "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
         "telegram": {"mode": "simulated"},
+        "database": {"url": db_url},
         "metrics": {"enabled": False},
         "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
                        "stop_timeout_seconds": 5},
@@ -64,6 +66,12 @@ def env(tmp_path):
 
     # 1 MiB split limit: a 2.5 MiB file is "over the account limit" without uploading GBs
     daemon = Daemon(settings, account_starter=starter, upload_limit_bytes=MIB, tick_seconds=0.05)
+    return daemon, world, users, channel, root, settings
+
+
+@pytest.fixture
+def env(tmp_path, db_url):
+    daemon, world, _, channel, root, settings = build(tmp_path, db_url)
     daemon.start()
     yield daemon, world, channel, root, settings.admin.socket
     daemon.stop()
@@ -128,3 +136,40 @@ def test_refused_paths_queue_nothing_and_unknown_transfer(env, tmp_path):
     with pytest.raises(AdminCommandError) as err:
         admin_call(sock, "transfer", {"id": "no-such-id"})
     assert err.value.code == "not_found"
+
+
+def test_a_transfer_of_an_unconfigured_account_is_continued_with_adoption(tmp_path, db_url, uploaded):
+    """zed started a split transfer and sent part 2 without recording it, then zed was removed
+    from the config: the daemon hands the transfer over, adopts part 2 by its caption marker
+    and uploads only parts 1 and 3."""
+    from actors.transfers import TransferPlanner
+    from storage import open_storage
+    daemon, world, users, channel, root, settings = build(
+        tmp_path, db_url, users=("alice", "zed"), configured=("alice",))
+    data = os.urandom(2 * MIB + MIB // 2)
+    (root / "zed.bin").write_bytes(data)
+    storage = open_storage(db_url)
+    try:
+        [t] = TransferPlanner(storage, settings, limit_bytes=MIB).plan(
+            [str(root / "zed.bin")])
+        storage.set_transfer_state(t.id, "uploading", account="zed")
+        from storage.manifest import read_manifest
+        part2 = read_manifest(t.manifest_path).parts[1]
+        orphan = world.post_document(channel, users["zed"].user_id, part2.file_name,
+                                     data[part2.offset:part2.end], caption=part2.caption)
+    finally:
+        storage.close()
+    daemon.start()
+    try:
+        assert uploaded.get(timeout=60) == t.id
+        parts = admin_call(settings.admin.socket, "transfer", {"id": t.id})["parts"]
+        docs = documents(world, channel)
+        joined = b"".join(world.document_bytes(channel, p["message_id"]) for p in parts)
+    finally:
+        daemon.stop()
+        world.close()
+    assert [p["account"] for p in parts] == ["alice", "zed", "alice"]
+    assert parts[1]["message_id"] == orphan
+    assert sorted(d["document"]["file_name"] for d in docs) == [
+        "zed.bin.001", "zed.bin.002", "zed.bin.003"]           # part 2 was not sent again
+    assert joined == data
