@@ -38,9 +38,12 @@ tool and the bytes carry an image magic; otherwise none.
 """
 from __future__ import annotations
 
+import lzma
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -51,6 +54,9 @@ INDEX_STATES = ("ok", "encrypted", "corrupt", "unreadable")
 PREVIEW_MAX_BYTES = 1024 * 1024
 MAX_ENTRIES = 100_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+# What a damaged archive makes the readers raise (beyond their own error types).
+_DAMAGE = (EOFError, ValueError, KeyError, IndexError, TypeError, lzma.LZMAError, zlib.error,
+           struct.error, UnicodeDecodeError)
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"RIFF")
 
 
@@ -149,7 +155,7 @@ def _index_zip(paths, names, max_entries, preview_max) -> IndexResult:
             zf = zipfile.ZipFile(fh)
         except zipfile.BadZipFile as exc:
             return _fail("corrupt", "zip", f"bad zip: {exc}")
-        except (ValueError, EOFError, NotImplementedError) as exc:
+        except (NotImplementedError, *_DAMAGE) as exc:
             return _fail("corrupt", "zip", _describe(exc))
         with zf:
             infos = zf.infolist()
@@ -221,7 +227,7 @@ def _index_7z(paths, names, max_entries, preview_max) -> IndexResult:
         except e7.PasswordRequired:
             return _fail("encrypted", "7z", "headers are encrypted (password needed to list)")
         except (e7.Bad7zFile, e7.UnsupportedCompressionMethodError, e7.InternalError,
-                EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
+                *_DAMAGE) as exc:
             return _fail("corrupt", "7z", f"bad 7z: {_describe(exc)}")
         with archive:
             infos = archive.list()

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import py7zr
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from actors.ingest.archives import SetPart, parse_archive_name, set_status
-from actors.ingest.index import IndexEntry, index_archive
+from actors.ingest.index import INDEX_STATES, IndexEntry, index_archive
 from actors.telegram.sim import samples
 
 SIM_FIXTURES = Path(samples.__file__).parent / "fixtures"
@@ -281,3 +283,40 @@ def test_every_sim_sample_set_groups_completes_and_indexes_as_expected(tmp_path)
         assert result.state == expected_state, (label, result.reason)
         if archive_set.has_preview:
             assert result.preview is not None, label
+
+
+# --------------------------------------------------------------------------- never raises
+
+
+def _seed_archives() -> list[bytes]:
+    zipped = _zip_bytes({"a/b.txt": b"x" * 5000, "c.png": PNG})
+    buf = io.BytesIO()
+    with py7zr.SevenZipFile(buf, "w") as z:
+        z.writestr(b"hello" * 300, "f.txt")
+    return [zipped, buf.getvalue(), (FIXTURES / "rar5-crc.rar").read_bytes()]
+
+
+SEEDS = _seed_archives()
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.sampled_from(range(len(SEEDS))),
+       edits=st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert"]),
+                                st.floats(0, 1), st.binary(min_size=1, max_size=16)),
+                      min_size=1, max_size=6))
+def test_damaged_archives_always_come_back_as_a_result(tmp_path_factory, seed, edits):
+    data = bytearray(SEEDS[seed])
+    for op, where, blob in edits:
+        at = int(where * len(data))
+        if op == "flip" and data:
+            data[min(at, len(data) - 1)] ^= blob[0] or 1
+        elif op == "cut":
+            del data[at:]
+        else:
+            data[at:at] = blob
+    path = tmp_path_factory.mktemp("fuzz") / "x.bin"
+    path.write_bytes(bytes(data))
+    result = index_archive([path])  # must not raise
+    assert result.state in INDEX_STATES
+    assert (result.reason is None) == (result.state == "ok")
