@@ -7,6 +7,11 @@ sha256 and 1 MiB block hashes for deep verification), the client-side upload
 ``file_id`` and the ``random_id`` of ``messages.sendMedia`` of every part, and
 the captions with their marker.
 
+The content may be several files laid end to end (an archive set's volumes):
+``build_multi_manifest`` lists them in ``sources`` and writes version 2;
+``open_source(manifest)`` reads across them. Version 1 (one source) stays
+readable, and a reader that only knows version 1 refuses version 2.
+
 On disk the file is an envelope ``{"format", "version", "sha256", "body"}``
 whose ``body`` is the packed manifest and ``sha256`` its digest, so a flipped
 bit is detected and the version can be read before the body is trusted.
