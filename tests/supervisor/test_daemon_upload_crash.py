@@ -140,3 +140,37 @@ def test_inbox_file_killed_after_its_manifest_is_uploaded_once(tmp_path, sim):
     done, transfers = restart_until_uploaded(config, lambda sock: tid)
     assert [t["id"] for t in transfers] == [tid]
     assert_once_and_reused(sim, name, done, state)
+
+
+def test_killed_before_record_then_continued_by_another_account_adopts_the_orphan(tmp_path, sim):
+    """The account that sent part 2 (unrecorded: killed at after_send_before_record) is gone
+    after the restart (its session removed): another account takes the transfer over, finds
+    part 2 by its caption marker and adopts it instead of sending it a second time."""
+    root = tmp_path / "files"
+    root.mkdir()
+    name = f"handover-{os.getpid()}.bin"
+    (root / name).write_bytes(os.urandom(2 * MIB + MIB // 2))
+    state = tmp_path / "state"
+    config = write_config(state, sim, root)
+
+    def upload(sock):
+        [t] = admin_call(sock, "upload", {"paths": [str(root / name)]})["transfers"]
+        return t["id"]
+
+    tid = run_until_killed(config, "after_send_before_record@2", upload)
+    from storage import open_storage
+    storage = open_storage(f"sqlite:///{state / 'stashd.db'}")
+    try:
+        t = storage.get_transfer(tid)
+        assert t.state == "uploading" and [p.message_id is not None for p in storage.list_parts(tid)] == [
+            True, False, False]
+    finally:
+        storage.close()
+    (state / "sessions" / f"{t.account}.session").unlink()        # that account is gone
+    sent_before = [m["id"] for m in in_channel(sim, name)]
+    assert len(sent_before) == 2                                   # part 1 recorded, part 2 not
+    done, _ = restart_until_uploaded(config, lambda sock: tid)
+    accounts = [p["account"] for p in done["parts"]]
+    assert accounts[:2] == [t.account, t.account] and accounts[2] != t.account
+    assert sorted(p["message_id"] for p in done["parts"])[:2] == sorted(sent_before)
+    assert_once_and_reused(sim, name, done, state)
