@@ -59,7 +59,8 @@ API (all on ``Storage``)::
                        complete, total_size) -> ArchiveSetRecord
         # new: state "ready" when complete else "waiting"; existing: counts and
         # completeness updated, "waiting" -> "ready" when complete; a set past
-        # "ready" keeps its state (and a complete set never becomes incomplete)
+        # "ready" keeps its state; a complete set never becomes incomplete (an
+        # incomplete view of a complete set changes nothing but updated_at)
     get_archive_set(set_key) -> ArchiveSetRecord | None
     list_archive_sets(state=None, channel_id=None, limit=100)
         -> list[ArchiveSetRecord]    # oldest update first
@@ -670,7 +671,10 @@ class IngestStore:
                         complete=bool(complete), created_at=now, updated_at=now, **counts)
                 s.flush()  # a racing insert fails here and is retried as an update
                 return _set_record(s)
-            s.set(updated_at=now, complete=bool(complete) or s.complete, **counts)
+            if s.complete and not complete:  # a stale view (a racing scan): keep the complete one
+                s.updated_at = now
+                return _set_record(s)
+            s.set(updated_at=now, complete=bool(complete), **counts)
             if s.state == "waiting" and s.complete:
                 s.state = "ready"
             return _set_record(s)

@@ -140,7 +140,7 @@ def test_set_waits_until_complete_and_never_falls_back(store):
     assert (s.state, s.complete, s.seen_parts, s.total_size) == ("ready", True, 3, 300)
     store.set_archive_set_state("k", "downloading")
     s = _set(store, complete=False, parts=2)  # a late, stale view
-    assert (s.state, s.complete) == ("downloading", True)
+    assert (s.state, s.complete, s.seen_parts, s.expected_parts) == ("downloading", True, 3, 3)
     assert store.archive_sets_by_state() == {**{st: 0 for st in SET_STATES}, "downloading": 1}
     assert [x.set_key for x in store.list_archive_sets("downloading")] == ["k"]
     assert store.list_archive_sets("ready") == []
