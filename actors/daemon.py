@@ -3,7 +3,8 @@
 :class:`Daemon` is what ``stashd run`` and ``stashd demo`` drive. Start-up order:
 storage -> actors (one AccountActor per session, joined with a ping; then, when
 ``upload.roots`` is configured, the upload pipeline: BudgetActor, the
-UploaderActor pool, DispatcherActor, InboxActor) -> ticker -> admin socket ->
+UploaderActor pool, DispatcherActor, InboxActor, VerifierActor unless
+[verify] enabled = false) -> ticker -> admin socket ->
 metrics endpoint -> READY. Stop order is the reverse.
 
 Children are all under one SupervisorActor; everybody who talks to another
@@ -44,6 +45,7 @@ UPLOADER_PREFIX = "uploader:"
 BUDGET, DISPATCHER, INBOX = "budget", "dispatcher", "inbox"
 ASK_TIMEOUT = 10.0
 VERIFIER = "verifier"
+INGEST = "ingest"
 VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")
 """What ``stashctl verify`` can check (storage.transfers.VERIFY_STATES: cleaned ones too,
 a lost message is reported)."""
@@ -258,6 +260,8 @@ class Daemon:
         if upload_enabled(s):
             self.planner.recover_orphans(older_than=self.started_at)  # crash after a manifest write
             specs += self._upload_specs()
+        if ingest_enabled(s):
+            specs += self._ingest_specs()
         self.supervisor = SupervisorActor.start(
             specs, on_exit=self._supervisor_gave_up,
             max_restarts=sup.max_restarts, restart_window_seconds=sup.restart_window_seconds,
@@ -294,6 +298,10 @@ class Daemon:
                 self._budget_metrics = budget_metrics(metrics.registry)
             except Exception as exc:  # already registered, or an older Metrics
                 log.warning("upload metrics not registered: {}", exc)
+            if _verify_settings(self.settings).enabled:
+                metrics.add_verify_metrics()
+        if ingest_enabled(self.settings):
+            metrics.add_ingest_metrics()
         return metrics
 
     def _start_admin(self) -> None:
@@ -362,7 +370,8 @@ class Daemon:
             return lambda: UploaderActor.start(
                 self.storage, self._account_for_upload, budget=_Relay(self._refs, BUDGET),
                 window=up.window, name=name, metrics=self.metrics,
-                request_timeout=s.telegram.request_timeout_seconds * 2)
+                request_timeout=s.telegram.request_timeout_seconds * 2,
+                first_check_delay=_verify_settings(s).first_check_delay_seconds)
 
         def dispatcher() -> pykka.ActorRef:
             return DispatcherActor.start(
@@ -380,7 +389,22 @@ class Daemon:
             scanner = InboxScanner(self.planner, self.storage, up.inbox_dir)
             specs.append(ChildSpec(INBOX, self._registered(INBOX, lambda: InboxActor.start(scanner)),
                                    critical=False))
+        if _verify_settings(s).enabled:
+            specs.append(self._verifier_spec())
         return specs
+
+    def _verifier_spec(self) -> ChildSpec:
+        """The VerifierActor (issue 4): checks, re-uploads and cleans up uploaded transfers."""
+        from actors.verifier import VerifierActor
+
+        def verifier() -> pykka.ActorRef:
+            return VerifierActor.start(
+                self.storage, _verify_settings(self.settings), accounts=self._account_refs,
+                node=self.node, metrics=self.metrics, clock=self.clock,
+                request_timeout=self.settings.telegram.request_timeout_seconds)
+
+        # Not critical: uploads go on while a crashing verifier is restarted with backoff.
+        return ChildSpec(VERIFIER, self._registered(VERIFIER, verifier), critical=False)
 
     def _account_for_upload(self, name: str) -> pykka.ActorRef:
         ref = self._refs.get(ACCOUNT_PREFIX + name) if name in self._accounts else None
@@ -421,6 +445,20 @@ class Daemon:
                     ref.tell(message)
                 except pykka.ActorDeadError:
                     pass
+        verifier = self._refs.get(VERIFIER)
+        if verifier is not None:  # idle passes coalesce inside the verifier
+            from actors.verifier_messages import Tick as VerifierTick
+            try:
+                verifier.tell(VerifierTick())
+            except pykka.ActorDeadError:
+                pass
+        ingest = self._refs.get(INGEST)
+        if ingest is not None:
+            from actors.ingest.actor import Tick as IngestTick
+            try:
+                ingest.tell(IngestTick())
+            except pykka.ActorDeadError:
+                pass
 
     # -- signals / requests ------------------------------------------------------
 
@@ -656,6 +694,8 @@ class Daemon:
             return {"stopping": True}
         if cmd in ("upload", "transfers", "transfer", "budget", "verify", "retry"):
             return getattr(self, f"_cmd_{cmd}")(args)
+        if cmd in ("scan", "runs"):
+            return getattr(self, f"_cmd_{cmd}")(args)
         raise AdminCommandError(f"unknown command {cmd!r}")
 
     # -- upload commands -------------------------------------------------------------
@@ -835,7 +875,104 @@ class Daemon:
         return {"version": stashd_version(), "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self.started_at, 3), "state": state,
                 "accounts": [self.account_info(n) for n in self.account_names()],
-                "actors": actors, "transfers": self._transfers_by_state()}
+                "actors": actors, "transfers": self._transfers_by_state(),
+                **({"ingest": self._ingest_status()} if ingest_enabled(self.settings) else {}),
+                **({"verifier": self._verifier_status()} if VERIFIER in self._refs else {})}
+
+    def _verifier_status(self) -> dict:
+        """The verifier's reply to GetVerifierStatus (passes, due, lag, checks, re-uploads...)."""
+        from actors.verifier_messages import GetVerifierStatus
+
+        ref = self._refs.get(VERIFIER)
+        if ref is None or not ref.is_alive():
+            return {"running": False}
+        try:
+            return {"running": True, **ref.ask(GetVerifierStatus(), timeout=ASK_TIMEOUT).to_dict()}
+        except Exception as exc:  # busy in a long pass, or restarting
+            return {"running": True, "error": f"{type(exc).__name__}: {exc}"}
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def _ingest_specs(self) -> list[ChildSpec]:
+        from actors.ingest.actor import IngestActor
+
+        def limit_for() -> int:
+            """The largest upload limit among this node's ready accounts (Premium: larger),
+            so a set is split only when no account here can take it whole."""
+            if self._upload_limit_bytes is not None:
+                return self._upload_limit_bytes
+            limits = [a.upload_limit_bytes for a in self.storage.list_accounts()
+                      if a.name in self._accounts and a.state in ("ready", "cooling_down")
+                      and a.upload_limit_bytes]
+            return max(limits) if limits else self.planner.default_limit()
+
+        def start() -> pykka.ActorRef:
+            return IngestActor.start(
+                self.storage, self.settings, self._account_for_ingest, planner=self.planner,
+                node=self.node, budget=_Relay(self._refs, BUDGET), metrics=self.metrics,
+                clock=self.clock, limit_for=limit_for,
+                request_timeout=self.settings.telegram.request_timeout_seconds * 2)
+
+        return [ChildSpec(INGEST, self._registered(INGEST, start), critical=False)]
+
+    def _account_for_ingest(self, name: str) -> pykka.ActorRef | None:
+        ref = self._refs.get(ACCOUNT_PREFIX + name) if name in self._accounts else None
+        return ref if ref is not None and ref.is_alive() else None
+
+    def _ingest_ref(self):
+        from actors.admin.server import AdminCommandError
+
+        ref = self._refs.get(INGEST)
+        if ref is None or not ref.is_alive():
+            raise AdminCommandError("ingest is not running (no [[ingest.mappings]] configured, "
+                                    "or ingest.enabled = false)", code="not_running")
+        return ref
+
+    def _cmd_scan(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+        from actors.ingest.actor import ScanNow
+
+        channel = args.get("channel")
+        if channel is not None and (not isinstance(channel, (str, int)) or isinstance(channel, bool)):
+            raise AdminCommandError("scan: channel must be a username or an id", code="bad_request")
+        result = self._ingest_ref().ask(ScanNow(None if channel is None else str(channel)),
+                                        timeout=ASK_TIMEOUT)
+        if channel is not None and not result.mappings:
+            known = sorted({m.channel for m in self.settings.ingest.mappings})
+            raise AdminCommandError(f"scan: no mapping reads {channel!r}; mapped: {', '.join(known)}",
+                                    code="not_found")
+        return {"started": list(result.mappings)}
+
+    def _cmd_runs(self, args: dict) -> dict:
+        from actors.admin.server import AdminCommandError
+
+        state, limit = args.get("state"), args.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise AdminCommandError("runs: limit must be a positive integer", code="bad_request")
+        try:
+            runs = self.storage.list_runs(state, limit=limit or 20)
+        except ValueError as exc:
+            raise AdminCommandError(f"runs: {exc}", code="bad_request") from exc
+        return {"runs": [_run_view(r) for r in runs]}
+
+    def _ingest_status(self) -> dict:
+        from actors.ingest.actor import GetIngestStatus
+
+        view: dict[str, Any] = {}
+        try:
+            view["sets"] = self.storage.archive_sets_by_state()
+            view["skipped"] = self.storage.skips_by_reason()
+            view["index"] = self.storage.index_states()
+            view["runs"] = [_run_view(r) for r in self.storage.list_runs("running", limit=20)]
+        except Exception as exc:
+            log.warning("ingest counts failed: {}", exc)
+        ref = self._refs.get(INGEST)
+        if ref is not None and ref.is_alive():
+            try:
+                view.update(ref.ask(GetIngestStatus(), timeout=ASK_TIMEOUT).to_dict())
+            except Exception as exc:
+                view["error"] = f"{type(exc).__name__}: {exc}"
+        return view
 
     def _transfers_by_state(self) -> dict:
         try:
@@ -852,6 +989,24 @@ def _add_verification(view: dict, t, parts) -> None:
                 misses=sum(p.misses for p in parts))
     for shown, p in zip(view["parts"], parts):
         shown.update(verified_at=p.verified_at, misses=p.misses, document_id=p.document_id)
+
+
+def _run_view(r) -> dict:
+    """An ingest run as the admin protocol shows it."""
+    return {"id": r.id, "mapping": r.mapping, "account": r.account, "channel_id": r.channel_id,
+            "topic_id": r.topic_id, "state": r.state, "started_at": r.started_at,
+            "finished_at": r.finished_at, "seen": r.seen, "ingested": r.ingested, "skipped": r.skipped,
+            "skipped_by_reason": dict(r.skipped_by_reason), "bytes_downloaded": r.bytes_downloaded,
+            "progress": r.progress, "error": r.error}
+
+
+def _verify_settings(settings):
+    """``[verify]`` (defaults when the settings object predates it)."""
+    verify = getattr(settings, "verify", None)
+    if verify is None:
+        from config.schema import VerifySettings
+        verify = VerifySettings()
+    return verify
 
 
 def _load_config(path: Path):

@@ -259,9 +259,10 @@ class UploaderActor(LoopActor):
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader",
-                 metrics: Any = None):
+                 metrics: Any = None, first_check_delay: float = 0.0):
         super().__init__()
         self._metrics = metrics
+        self._first_check_delay = first_check_delay  # [verify] first_check_delay_seconds
         self.storage, self.budget, self.window = storage, budget, window
         self._accounts = accounts if callable(accounts) else accounts.__getitem__
         self._clock, self._sleep = clock, sleep
@@ -358,7 +359,7 @@ class UploaderActor(LoopActor):
         finally:
             if budget is not None:
                 budget.close()
-        done = store.mark_transfer_uploaded(tid)
+        done = store.mark_transfer_uploaded(tid, first_check_delay=self._first_check_delay)
         fresh = {p.index for p in sent}
         earlier = tuple(PartSent(p.index, p.message_id, p.document_id, None)
                         for p in store.list_parts(tid) if p.index not in fresh)
