@@ -6,8 +6,24 @@ Writes ``DIR/stashd.toml`` (simulated mode, everything under DIR), starts the
 simulated Telegram server (``stashd sim serve --dir DIR/sim``) as a subprocess,
 seeds it (sessions into ``DIR/sessions``; seeding is idempotent, so a second
 demo on the same DIR reuses the world), runs the daemon in-process, waits
-until every account is ready, prints a summary and stops everything (exit 0).
+until every account is ready, runs the demo steps (:data:`DEMO_STEPS`), prints a
+summary and stops everything (exit 0; 1 when an account or a step failed).
 With ``--keep-running`` it stays up like ``stashd run`` until SIGTERM/SIGINT.
+
+Steps.  Each is ``step(daemon, demo_dir) -> DemoSection`` (a title, the lines
+printed under it, ``ok``), run in order after the accounts are ready; its
+section is printed after the accounts.  To add one (verification, ingest...),
+write the function here and append it to :data:`DEMO_STEPS`.
+
+- :func:`upload_step`: writes a few sample files under ``DIR/files`` (an upload
+  root; the same bytes every time, so a second demo on the same DIR shows them
+  completed by reference), one of them larger than the demo's split size
+  (:data:`DEMO_SPLIT_BYTES`, a lowered account limit so the demo stays small),
+  queues them like ``stashctl upload``, waits until each transfer is uploaded
+  and lists what landed where: file -> account, documents, message ids, channel.
+
+The metrics endpoint listens on a free port picked when the daemon starts
+(``port = 0``), so demos and test suites sharing a machine never collide.
 
 ``stashd run --config DIR/stashd.toml`` runs the same daemon again on the same
 state: in simulated mode it starts the sim server itself when none answers
@@ -16,18 +32,27 @@ state: in simulated mode it starts the sim server itself when none answers
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from loguru import logger
 
-DEMO_METRICS_PORT = 9464
+DEMO_METRICS_PORT = 0      # 0: the daemon binds a free port (printed in the summary)
 READY_TIMEOUT = 60.0
 SIM_START_TIMEOUT = 30.0
+UPLOAD_TIMEOUT = 60.0
+DEMO_SPLIT_BYTES = 1024 * 1024   # the demo's lowered account limit: larger files are split
+DEMO_TICK_SECONDS = 0.1
+MIB = 1024 * 1024
+# (name, size, seed): the demo's sample files; the last one is over DEMO_SPLIT_BYTES
+SAMPLE_FILES = (("notes.txt", 3 * 1024, 1), ("photos/holiday.jpg", 300 * 1024, 2),
+                ("backup.tar", 2 * MIB + MIB // 2, 3))
 
 log = logger.bind(actor="demo")
 
@@ -163,6 +188,11 @@ port = {metrics_port}
 max_restarts = 5
 restart_window_seconds = 60
 stop_timeout_seconds = 10
+
+[upload]
+roots = ["{d / 'files'}"]
+destination = "stash_archive"
+uploaders = 2
 """
 
 
@@ -212,7 +242,97 @@ def _mib(n: int | None) -> str:
     return "?" if not n else f"{n / (1024 * 1024):,.0f} MiB"
 
 
-def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_dir: Path) -> str:
+@dataclass
+class DemoSection:
+    """What one demo step prints: a title line and the lines under it."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)
+    ok: bool = True
+
+
+def write_samples(files_dir: Path) -> list[Path]:
+    """The sample files (same bytes on every run; existing ones are kept)."""
+    paths = []
+    for name, size, seed in SAMPLE_FILES:
+        path = files_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.stat().st_size != size:
+            data = random.Random(seed).randbytes(size)
+            if name.endswith(".txt"):
+                data = bytes(65 + b % 26 if i % 64 != 63 else 10 for i, b in enumerate(data))
+            path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+FINISHED = ("uploaded", "verifying", "verified", "cleaned", "failed")
+
+
+def wait_for_transfers(daemon, ids: list[str], timeout: float = UPLOAD_TIMEOUT) -> dict[str, dict]:
+    """The transfer views once each is uploaded (or failed), or as they are at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        views = {tid: daemon.dispatch("transfer", {"id": tid}) for tid in ids}
+        if all(v["state"] in FINISHED for v in views.values()) or time.monotonic() > deadline:
+            return views
+        time.sleep(0.1)  # bounded polling of the transfers' state
+
+
+def _size(n: int) -> str:
+    if n >= MIB:
+        return f"{n / MIB:.1f}".removesuffix(".0") + " MiB"
+    return f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _channel_name(daemon, destination: str) -> str:
+    for c in daemon.storage.list_channels():
+        if c.username == destination.lstrip("@") or str(c.channel_id) == destination:
+            return _channel_label(c.title, c.username, False, False)
+    return destination
+
+
+def upload_step(daemon, demo_dir: Path) -> DemoSection:
+    """Upload the sample files and tell what landed where (see module doc)."""
+    files_dir = demo_dir / "files"
+    paths = write_samples(files_dir)
+    reply = daemon.dispatch("upload", {"paths": [str(p) for p in paths]})
+    ids = [t["id"] for t in reply["transfers"]]
+    views = wait_for_transfers(daemon, ids)
+    section = DemoSection(f"Uploads from {files_dir} (split at {_size(DEMO_SPLIT_BYTES)} for the demo, "
+                          f"instead of the account limits above):")
+    width = max(len(str(p.relative_to(files_dir))) for p in paths)
+    for path, tid in zip(paths, ids):
+        v = views[tid]
+        name = str(path.relative_to(files_dir)).ljust(width)
+        head = f"  {name}  {_size(v['size']):>9}  "
+        if v["state"] not in FINISHED or v["state"] == "failed":
+            section.ok = False
+            section.lines.append(head + f"NOT uploaded: {v['state']}"
+                                 + (f" ({v['reason']})" if v.get("reason") else ""))
+            continue
+        shown = v
+        if v.get("duplicate_of"):
+            shown = daemon.dispatch("transfer", {"id": v["duplicate_of"]})
+        parts = shown.get("parts", [])
+        accounts = ", ".join(sorted({p["account"] for p in parts if p.get("account")})) or "?"
+        docs = ", ".join(f"{p['file_name']} (message {p['message_id']})" for p in parts)
+        where = _channel_name(daemon, shown["destination"])
+        if v.get("duplicate_of"):
+            section.lines.append(head + f"stored already (same content as transfer "
+                                        f"{v['duplicate_of'][:8]}): nothing uploaded; it is {docs} in {where}")
+        else:
+            plural = "1 document" if len(parts) == 1 else f"{len(parts)} documents"
+            section.lines.append(head + f"-> {accounts}: {plural} in {where}: {docs}")
+    return section
+
+
+# The demo's steps, in order (see the module doc); later issues append theirs.
+DEMO_STEPS: list[Callable[[Any, Path], DemoSection]] = [upload_step]
+
+
+def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_dir: Path,
+                   sections: list[DemoSection] | tuple = (), metrics_url: str | None = None) -> str:
     lines = [f"stashd demo in {demo_dir}", "", f"{len(infos)} account(s):"]
     for name, info in sorted(infos.items()):
         premium = "Premium" if info.get("premium") else "regular"
@@ -221,8 +341,13 @@ def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_
         for ch in channels.get(name, []):
             lines.append(f"      sees {ch}")
     premium = [n for n, i in infos.items() if i.get("premium")]
-    lines += ["", f"Premium: {', '.join(sorted(premium)) or 'none'}",
-              f"Config: {demo_dir / 'stashd.toml'}  (stashd run --config {demo_dir / 'stashd.toml'})"]
+    lines += ["", f"Premium: {', '.join(sorted(premium)) or 'none'}"]
+    for section in sections:
+        lines += ["", section.title, *section.lines]
+    lines.append("")
+    if metrics_url:
+        lines.append(f"Metrics: {metrics_url}")
+    lines.append(f"Config: {demo_dir / 'stashd.toml'}  (stashd run --config {demo_dir / 'stashd.toml'})")
     return "\n".join(lines)
 
 
@@ -236,12 +361,8 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
     out = out or sys.stdout
     demo_dir = Path(demo_dir).absolute()
     demo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    port = DEMO_METRICS_PORT
-    if not port_free(port):
-        port = free_port()
-        print(f"port {DEMO_METRICS_PORT} is taken: metrics on {port} instead", file=out)
     config_path = demo_dir / "stashd.toml"
-    config_path.write_text(demo_config_text(demo_dir, port))
+    config_path.write_text(demo_config_text(demo_dir, DEMO_METRICS_PORT))
     try:
         settings = load_config(config_path)
     except ConfigError as exc:  # a bug in demo_config_text
@@ -250,7 +371,8 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
     if setup_logging is not None:
         setup_logging(settings)
     sim = None
-    daemon = Daemon(settings, config_path=config_path)
+    daemon = Daemon(settings, config_path=config_path, upload_limit_bytes=DEMO_SPLIT_BYTES,
+                    tick_seconds=DEMO_TICK_SECONDS)
     if keep_running:  # before the sim server starts, so a SIGTERM never orphans it
         daemon.install_signal_handlers()
     try:
@@ -262,7 +384,10 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
         daemon.start()
         infos = wait_until_ready(daemon)
         channels = {name: visible_channels(daemon, name) for name in infos}
-        print(format_summary(infos, channels, demo_dir), file=out)
+        sections = [step(daemon, demo_dir) for step in DEMO_STEPS]
+        server = daemon.metrics_server
+        url = f"http://{settings.metrics.host}:{server.port}/metrics" if server is not None else None
+        print(format_summary(infos, channels, demo_dir, sections, url), file=out)
         if keep_running:
             print(f"\nRunning; admin socket {settings.admin.socket}. "
                   f"Stop with SIGTERM or Ctrl-C.", file=out)
@@ -271,6 +396,8 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
         else:
             daemon.stop()
             code = 0 if infos and all(i.get("state") == "ready" for i in infos.values()) else 1
+            if not all(section.ok for section in sections):
+                code = 1
         return code
     except Exception as exc:
         log.opt(exception=exc).error("demo failed")
