@@ -40,6 +40,9 @@ API (all on ``Storage``)::
           its transfer id (checked again after the claim row is written)
         - someone else holds a live lease -> granted False, holder = owner
         - no claim, an expired lease, or our own claim -> granted True
+        - the package is ``transfer_id`` itself (a re-upload of a lost part of
+          a stored transfer) -> claimed like any other work (granted True
+          unless another owner holds a live claim)
     renew_claim(sha256, owner, lease_seconds) -> bool     # False: we lost it
     release_claim(sha256, owner) -> bool
     find_package(sha256) -> PackageRecord | None
@@ -492,8 +495,11 @@ class TransferStore:
         Claim, Package = self.entities.ContentClaim, self.entities.Package
 
         def package_of() -> str | None:
-            # a query, not Package.get: always asks the database again
-            return select(p.transfer_id for p in Package if p.sha256 == sha).first()
+            # a query, not Package.get: always asks the database again. The
+            # package of the claiming transfer itself does not count: that is a
+            # re-upload of a lost part of the stored package (the verifier).
+            found = select(p.transfer_id for p in Package if p.sha256 == sha).first()
+            return None if transfer_id is not None and found == transfer_id else found
 
         def tx():
             existing = package_of()

@@ -207,3 +207,46 @@ def test_verify_now_checks_at_once_and_a_restarted_verifier_takes_over(env):
     status = env.tick()
     assert status.outcomes == {"verified": 1}
     assert env.storage.get_transfer(tid).lease_owner is None
+
+
+def test_the_dispatcher_resumes_a_reupload_the_verifier_queued(env, monkeypatch):
+    """The real DispatcherActor hands the re-upload (state uploading, no account, content
+    already a package of this very transfer) to an uploader; nothing waits on sleep."""
+    import queue
+
+    from actors.dispatcher import DispatcherActor
+    from actors.dispatcher import Tick as DispatchTick
+    from storage.transfers import TransferStore
+
+    done: queue.Queue = queue.Queue()
+    original = TransferStore.mark_transfer_uploaded
+
+    def mark(self, transfer_id, **kw):
+        record = original(self, transfer_id, **kw)
+        done.put((transfer_id, kw.get("first_check_delay")))
+        return record
+
+    monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
+    tid, path = env.transfer(1_500_000, MIB)
+    env.upload(tid)
+    assert done.get(timeout=5) == (tid, 0.0)
+    lost = env.storage.list_parts(tid)[0]
+    env.world.delete_messages(env.dest, [lost.message_id])
+    env.clock.now += 60
+    env.tick()
+    assert env.storage.get_transfer(tid).state == "uploading"
+    uploader = UploaderActor.start(env.storage, env.accounts, window=4, clock=env.clock,
+                                   first_check_delay=60)
+    dispatcher = DispatcherActor.start(env.storage, accounts=lambda: dict(env.accounts),
+                                       uploaders=lambda: {"u1": uploader}, node="testnode",
+                                       clock=env.clock)
+    dispatcher.tell(DispatchTick())
+    assert done.get(timeout=30) == (tid, 60)
+    parts = env.storage.list_parts(tid)
+    assert parts[0].message_id not in (None, lost.message_id)
+    assert env.storage.get_transfer(tid).next_check_at == env.clock.now + 60
+    data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in parts)
+    assert data == path.read_bytes()
+    env.clock.now += 60
+    env.tick()
+    assert env.storage.get_transfer(tid).state == "verified"

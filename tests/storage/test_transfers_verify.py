@@ -148,3 +148,24 @@ def test_retry_of_a_failed_duplicate_follows_its_reference_again(store, clock):
     store.set_transfer_state("dup", "failed", reason="reference failed")
     rec = store.retry_transfer("dup")
     assert (rec.state, rec.duplicate_of, rec.next_check_at) == ("uploaded", "orig", clock.now)
+
+
+def test_a_reupload_claims_the_content_of_its_own_package(store, clock):
+    """The dispatcher claims content before it hands out a transfer, re-uploads included:
+    the package row of the transfer itself must not make it a duplicate of itself."""
+    _uploaded(store, "t")
+    sha = store.get_transfer("t").sha256
+    assert store.find_package(sha).transfer_id == "t"
+    c = store.claim_content(sha, "node/t", 60, "t")
+    assert (c.granted, c.existing_package, c.holder) == (True, None, "node/t")
+    # anyone else still finds the package
+    c = store.claim_content(sha, "node/u", 60, "u")
+    assert (c.granted, c.existing_package) == (False, "t")
+    assert store.claim_content(sha, "node/x", 60).existing_package == "t"
+    # the re-upload completes: its claim is released, the package stays
+    store.set_part_random_id("t", 0, 77)
+    store.set_transfer_state("t", "verifying")
+    store.set_transfer_state("t", "uploading")
+    store.record_part_sent("t", 0, message_id=900, document_id=None, account="bob")
+    store.mark_transfer_uploaded("t")
+    assert store.claim_content(sha, "node/t2", 60, "t").holder == "node/t2"  # no stale claim
