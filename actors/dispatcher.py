@@ -284,13 +284,15 @@ class DispatcherActor(SupervisedMixin, pykka.ThreadingActor):
                 break
             if t.id in active or self._retry_at.get(t.id, 0) > now:
                 continue
-            if not self._claim(t):
+            claim = self._claim(t)
+            if claim is None:
                 continue
             account = self._pick(t, views, now)
             if account is None:
                 continue
             unsent = self.storage.parts_without_message(t.id)
-            job = _Job(t.id, account, idle.pop(0), sum(p.length for p in unsent), now, t.sha256)
+            job = _Job(t.id, account, idle.pop(0), sum(p.length for p in unsent), now,
+                       t.sha256 if claim else "")
             self._busy[job.uploader] = job
             views = [v if v.name != account else _replace_busy(v, v.busy + 1) for v in views]
             charged = self._charged.get(t.id, set())
@@ -342,19 +344,24 @@ class DispatcherActor(SupervisedMixin, pykka.ThreadingActor):
                 self._log.warning("uploader {} went away during {}", name, job.transfer_id)
                 self._busy.pop(name)
 
-    def _claim(self, t: Any) -> bool:
+    def _claim(self, t: Any) -> bool | None:
+        """True: we hold the content claim (renewed while it uploads); False: go without one
+        (the package is this transfer itself -- a re-upload of lost parts -- or another
+        package exists but some parts of this one are sent already); None: not now."""
         c = self.storage.claim_content(t.sha256, claim_owner(self.node, t.id), self._lease, t.id)
-        if c.existing_package and c.existing_package != t.id:
+        if c.existing_package == t.id:
+            return False
+        if c.existing_package:
             if t.state == "uploading" and len(self.storage.parts_without_message(t.id)) < t.part_count:
                 # some parts are in the channel already: finish it rather than strand them
                 self._log.info("transfer {}: content stored already by {}; finishing the parts "
                                "left", t.id, c.existing_package)
-                return True
+                return False
             self.storage.mark_transfer_duplicate(t.id, c.existing_package)
             self._log.info("transfer {}: content stored already by {}: completed by reference",
                            t.id, c.existing_package)
-            return False
-        return c.granted
+            return None
+        return True if c.granted else None
 
     def _pick(self, t: Any, views: list[AccountView], now: float) -> str | None:
         need = self._max_part.get(t.id)

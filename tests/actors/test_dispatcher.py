@@ -220,6 +220,8 @@ def test_file_quota_counts_documents_and_never_charges_one_twice(env, clock):
 class SlowUploader(LoopActor):
     """Takes an UploadTransfer and holds it until told StopUpload (or released)."""
 
+    stop_grace_seconds = 0.0     # a held upload is cancelled at once when the test ends
+
     def __init__(self, asked: queue.Queue, storage):
         super().__init__()
         self.asked, self.storage = asked, storage
@@ -299,3 +301,31 @@ def test_dispatcher_completes_a_duplicate_by_reference_instead_of_uploading(env)
     assert asked.empty()
     t = storage.get_transfer(second.id)
     assert (t.state, t.duplicate_of) == ("uploaded", first.id)
+
+
+def test_a_reupload_of_a_stored_transfer_goes_out_without_a_claim(env, clock):
+    """The verifier put a lost part back (new random_id, state uploading): the package is the
+    transfer itself, so no claim is needed, none is renewed, nothing stops it."""
+    settings, storage, root = env
+    storage.upsert_account("alice", upload_limit_bytes=2000 * MIB, state="ready")
+    (root / "a.bin").write_bytes(b"a" * (2 * MIB))
+    [t] = TransferPlanner(storage, settings, node="test-node", limit_bytes=MIB).plan([str(root / "a.bin")])
+    for i in range(2):
+        storage.record_part_sent(t.id, i, message_id=10 + i, document_id=None, account="alice")
+    storage.set_transfer_state(t.id, "uploading", account="alice")
+    storage.mark_transfer_uploaded(t.id)
+    assert storage.find_package(t.sha256).transfer_id == t.id
+    storage.set_part_random_id(t.id, 1, 12345)
+    storage.set_transfer_state(t.id, "uploading")
+    asked: queue.Queue = queue.Queue()
+    dispatcher = start(storage, {"alice": Alive()}, asked, n=1, uploader=SlowUploader, clock=clock,
+                       lease_seconds=100)
+    dispatcher.tell(Tick())
+    got = asked.get(timeout=10)
+    assert (got.transfer_id, got.account) == (t.id, "alice")
+    clock.now += 60                      # a renewal tick: no claim to renew, nothing stopped
+    dispatcher.tell(Tick())
+    settle(dispatcher)
+    assert asked.empty()
+    assert dispatcher.ask(GetDispatchStatus(), timeout=10)["busy"] == {"uploader:0": t.id}
+    assert storage.get_transfer(t.id).duplicate_of is None
