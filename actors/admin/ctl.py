@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="make every uploaded, verifying, verified and cleaned transfer due now")
     command("retry", "put a failed transfer back into the pipeline (upload what is missing, "
             "then verify)").add_argument("id", metavar="TRANSFER")
+    command("scan", "scan the ingest mappings now: all, or those reading CHANNEL").add_argument(
+        "channel", nargs="?", metavar="CHANNEL", help="a mapped source channel (username or -100 id)")
+    ru = command("runs", "ingest runs (one per scan of a mapping), newest first, with counters")
+    ru.add_argument("--state", metavar="S", help="only runs in this state "
+                    "(running, finished, failed, interrupted)")
+    ru.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (default 20)")
     return parser
 
 
@@ -123,6 +129,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if ns.cmd == "transfers" and ns.state is not None and ns.state not in TRANSFER_STATES:
         parser.error(f"--state: unknown transfer state {ns.state!r}{did_you_mean(ns.state, TRANSFER_STATES)}; "
                      f"one of {', '.join(TRANSFER_STATES)}")
+    if ns.cmd == "runs" and ns.limit <= 0:
+        parser.error("--limit must be positive")
     if ns.cmd == "verify" and ns.id and ns.all:
         parser.error("verify: give a TRANSFER or --all, not both")
     return ns
@@ -142,6 +150,10 @@ def command_args(ns: argparse.Namespace) -> dict:
         return {"id": ns.id}
     if ns.cmd == "verify":
         return {"id": ns.id, "all": ns.all}
+    if ns.cmd == "scan":
+        return {} if ns.channel is None else {"channel": ns.channel}
+    if ns.cmd == "runs":
+        return {"state": ns.state, "limit": ns.limit}
     return {}
 
 
@@ -263,13 +275,91 @@ def format_status(status: Any, now: float) -> str:
         ("state", status.get("state")),
     ]
     header += [(k, _cell(v)) for k, v in status.items()
-               if k not in ("version", "pid", "uptime_seconds", "state", "accounts", "actors")]
+               if k not in ("version", "pid", "uptime_seconds", "state", "accounts", "actors",
+                            "ingest")]
     width = max(len(k) for k, _ in header)
     parts = ["\n".join(f"{k + ':':<{width + 1}}  {'-' if v is None else v}" for k, v in header)]
     parts.append("ACCOUNTS\n" + format_accounts(status.get("accounts"), now))
     if "actors" in status:
         parts.append("ACTORS\n" + format_actors(status.get("actors")))
+    if isinstance(status.get("ingest"), dict):
+        parts.append("INGEST\n" + format_ingest(status["ingest"], now))
     return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def _counts(d: Any) -> str:
+    if not isinstance(d, dict) or not any(d.values()):
+        return "none"
+    return ", ".join(f"{k} {v}" for k, v in d.items() if v)
+
+
+def format_ingest(ingest: dict, now: float) -> str:
+    """The ingest part of ``status``: totals, what each account is doing, the schedule."""
+    lines = [f"sets:     {_counts(ingest.get('sets'))}",
+             f"skipped:  {_counts(ingest.get('skipped'))}",
+             f"index:    {_counts(ingest.get('index'))}"]
+    if ingest.get("error"):
+        lines.append(f"error:    {ingest['error']}")
+    running = ingest.get("running") or []
+    if running:
+        rows = []
+        for r in running:
+            if not isinstance(r, dict):
+                continue
+            done = ""
+            if r.get("set"):
+                total = r.get("bytes_total") or 0
+                done = f"{r['set']} {human_bytes(r.get('bytes_done'))}/{human_bytes(total)}"
+            rows.append((r.get("account"), r.get("mapping"), r.get("phase"), r.get("cursor"),
+                         r.get("pages"), done or None))
+        lines += ["", table(("ACCOUNT", "MAPPING", "PHASE", "CURSOR", "PAGES", "DOWNLOADING"), rows)]
+    mappings = ingest.get("mappings") or []
+    if mappings:
+        rows = []
+        for m in mappings:
+            if not isinstance(m, dict):
+                continue
+            at = m.get("next_scan_at")
+            nxt = "now" if m.get("running") else (
+                None if not isinstance(at, (int, float)) else
+                ("due" if at <= now else f"in {human_duration(at - now)}"))
+            rows.append((m.get("label"), m.get("destination"), nxt,
+                         "stalled" if m.get("stalled") else None))
+        lines += ["", table(("MAPPING", "DESTINATION", "NEXT SCAN", "NOTE"), rows)]
+    return "\n".join(lines)
+
+
+def format_scan(result: Any, now: float) -> str:
+    started = result.get("started") if isinstance(result, dict) else None
+    if not isinstance(started, list):
+        return format_generic(result)
+    if not started:
+        return "no mappings to scan"
+    return "scanning: " + ", ".join(str(m) for m in started)
+
+
+def format_runs(result: Any, now: float) -> str:
+    runs = result.get("runs") if isinstance(result, dict) else result
+    if not isinstance(runs, list):
+        return format_generic(result)
+    if not runs:
+        return "no runs"
+    rows = []
+    for r in runs:
+        if not isinstance(r, dict):
+            rows.append((str(r),) + (None,) * 8)
+            continue
+        skipped = r.get("skipped_by_reason") or {}
+        skip_text = str(r.get("skipped", 0)) + (f" ({_counts(skipped)})" if skipped else "")
+        note = r.get("error") or r.get("progress")
+        rows.append((_short_id(r.get("id")), r.get("mapping"), r.get("state"),
+                     _timestamp(r.get("started_at"), now), r.get("seen"), r.get("ingested"),
+                     skip_text, human_bytes(r.get("bytes_downloaded")), note))
+    return table(("ID", "MAPPING", "STATE", "STARTED", "SEEN", "INGESTED", "SKIPPED", "DOWNLOADED",
+                  "NOTE"), rows)
 
 
 def format_generic(result: Any) -> str:
@@ -368,9 +458,14 @@ def verification_lines(t: dict, now: float) -> list[tuple[str, Any]]:
     if "last_check_at" in t:
         lines.append(("last check", _timestamp(t.get("last_check_at"), now) or "never"))
     if "next_check_at" in t:
-        nxt = t.get("next_check_at")
-        due = isinstance(nxt, (int, float)) and nxt <= now and t.get("state") in CHECKED_STATES
-        lines.append(("next check", "due now" if due else _timestamp(nxt, now)))
+        nxt, state = t.get("next_check_at"), t.get("state")
+        if state in ("planned", "uploading"):
+            lines.append(("next check", "after the upload"))
+        elif state == "failed":
+            lines.append(("next check", "none (failed: stashctl retry)"))
+        else:
+            due = isinstance(nxt, (int, float)) and nxt <= now
+            lines.append(("next check", "due now" if due else _timestamp(nxt, now)))
     if t.get("lease_owner"):
         lines.append(("checking", f"{t['lease_owner']} (lease {_ago(t.get('lease_until'), now) or '-'})"))
     parts = t.get("parts") if isinstance(t.get("parts"), list) else []
@@ -386,7 +481,6 @@ def verification_lines(t: dict, now: float) -> list[tuple[str, Any]]:
     return lines
 
 
-CHECKED_STATES = ("uploaded", "verifying", "verified")
 
 
 def format_transfer(t: Any, now: float) -> str:
@@ -565,6 +659,8 @@ FORMATTERS: dict[str, Callable[[Any, float], str]] = {
     "budget": format_budget,
     "verify": format_verify,
     "retry": format_retry,
+    "scan": format_scan,
+    "runs": format_runs,
 }
 
 
