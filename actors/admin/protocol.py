@@ -35,7 +35,7 @@ HEADER = struct.Struct(">I")
 
 COMMANDS: frozenset[str] = frozenset({"status", "accounts", "pause", "resume", "shutdown",
                                     "upload", "transfers", "transfer", "budget",
-                                    "verify", "retry"})
+                                    "verify", "retry", "scan", "runs"})
 """Commands the daemon knows today (later issues add more)."""
 
 # Error codes put on the wire.

@@ -315,7 +315,10 @@ class SetWorker:
                      claim.existing_package)
             return SetOutcome(key, "duplicate", claim.existing_package, sha, downloaded, "sha256")
         if not claim.granted and not claim.existing_package:
-            store.release_set_lease(key, owner)
+            # the same content is on its way (another set): Phase2 settles this one as a
+            # duplicate once that is stored, or a later round claims it again
+            store.set_archive_set_state(key, "downloading", sha256=sha, lease_owner=owner,
+                                        release_lease=True)
             return SetOutcome(key, "busy", None, sha, downloaded, f"content claimed by {claim.holder}")
         existing = [t for t in store.transfer_for_sha256(sha) if t.state != "failed"]
         if existing:
@@ -432,8 +435,9 @@ class Phase2Outcome:
 class Phase2:
     def __init__(self, storage: Any, *, node: str, clock: Callable[[], float] = time.time,
                  index_lease_seconds: float = INDEX_LEASE_SECONDS,
-                 give_up_seconds: float = INDEX_GIVE_UP_SECONDS):
+                 give_up_seconds: float = INDEX_GIVE_UP_SECONDS, staging_dir: Path | None = None):
         self.storage, self.node, self.clock = storage, node, clock
+        self.staging_dir = staging_dir
         self.index_lease_seconds, self.give_up_seconds = index_lease_seconds, give_up_seconds
 
     @property
@@ -460,6 +464,22 @@ class Phase2:
             elif t.state == "failed":
                 store.set_archive_set_state(s.set_key, "failed", reason=f"transfer failed: {t.reason}")
                 out.failed += 1
+        now = self.clock()
+        for s in store.list_archive_sets("downloading", limit=limit):
+            # downloaded while the same content was claimed by another set ("busy")
+            if not s.sha256 or (s.lease_until is not None and s.lease_until > now):
+                continue
+            package = store.find_package(s.sha256)
+            if package is None:
+                continue
+            store.mark_set_skipped(s.set_key, "duplicate", duplicate_of=package.transfer_id,
+                                   detail=f"same content (sha256 {s.sha256[:12]}...) already stored")
+            out.skipped["duplicate"] = out.skipped.get("duplicate", 0) + 1
+            if self.staging_dir is not None:
+                folder = Path(self.staging_dir) / _safe(s.set_key)
+                SetWorker._remove_staged(list(folder.glob("*")) if folder.is_dir() else [], folder)
+            log.info("set {} skipped: its content was stored meanwhile as transfer {}", s.set_key,
+                     package.transfer_id)
         return out
 
     async def index_pending(self, limit: int = 4) -> Phase2Outcome:

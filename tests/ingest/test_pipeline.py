@@ -123,7 +123,8 @@ def test_forward_is_skipped_before_any_byte_and_same_bytes_after_download(env):
     assert not list((env.tmp / "staging").glob("*pack-again*/*"))  # its staged copy is gone
 
 
-def test_same_bytes_while_the_first_is_still_uploading_waits(env):
+@pytest.mark.parametrize("resolve", ["next round", "phase 2"])
+def test_same_bytes_while_the_first_is_still_uploading_waits(env, resolve):
     rig = Rig(env)
     data = zip_bytes()
     env.post("a.zip", data)
@@ -135,11 +136,19 @@ def test_same_bytes_while_the_first_is_still_uploading_waits(env):
     assert busy.result == "busy" and "content claimed by" in busy.detail
     [s] = env.storage.list_archive_sets(channel_id=env.source_b)
     assert s.state == "downloading" and s.lease_owner is None  # claimable again later
+    assert s.sha256 == first.sha256
     rig.pretend_uploaded(first.transfer_id)
     gets = env.count("alice", "GetFileRequest")
-    [dup] = rig.ingest_ready("alice", env.source_b)
-    assert dup.result == "duplicate" and dup.transfer_id == first.transfer_id
-    assert env.count("alice", "GetFileRequest") == gets  # resumed from the staged file: no bytes again
+    if resolve == "next round":
+        [dup] = rig.ingest_ready("alice", env.source_b)
+        assert dup.result == "duplicate" and dup.transfer_id == first.transfer_id
+    else:  # phase 2 settles it without asking Telegram anything
+        phase2 = Phase2(env.storage, node="node-1", clock=env.clock, staging_dir=env.tmp / "staging")
+        assert phase2.follow_uploads().skipped == {"duplicate": 1}
+    assert env.count("alice", "GetFileRequest") == gets  # no bytes again
+    [s] = env.storage.list_archive_sets(channel_id=env.source_b)
+    assert (s.state, s.reason, s.transfer_id) == ("skipped", "duplicate", first.transfer_id)
+    assert not [p for p in (env.tmp / "staging").rglob("*") if p.is_file() and "b.zip" in p.name]
 
 
 def test_too_large_and_incomplete_sets_are_reported(env):

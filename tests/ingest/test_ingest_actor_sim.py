@@ -1,0 +1,154 @@
+"""The daemon in-process with [[ingest.mappings]]: real AccountActors (real Telethon over
+the in-process simulated Telegram), the real upload pipeline and the IngestActor.
+Two accounts read one shared channel: every archive is uploaded exactly once; a forward
+and a re-post are skipped as duplicates; runs, status and stashctl scan/runs show it."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+import zipfile
+
+import pytest
+
+from actors.account import AccountActor
+from actors.admin.client import call as admin_call
+from actors.daemon import Daemon
+from actors.telegram.client import build_client
+from actors.telegram.sim.local import LocalTransport
+from actors.telegram.sim.world import SimWorld, write_session_file
+from config import settings_from_dict
+from storage.ingest import IngestStore
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def zip_bytes(seed: int, n_files: int = 3, size: int = 150_000) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(n_files):
+            zf.writestr(f"seed{seed}/file{i}.bin", os.urandom(size))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def changes(monkeypatch):
+    """A condition notified whenever an archive set changes state (no polling on a timer)."""
+    cond = threading.Condition()
+    for name in ("mark_set_ingested", "mark_set_skipped", "set_archive_set_state",
+                 "record_package_index"):
+        original = getattr(IngestStore, name)
+
+        def wrapper(self, *a, _original=original, **kw):
+            result = _original(self, *a, **kw)
+            with cond:
+                cond.notify_all()
+            return result
+        monkeypatch.setattr(IngestStore, name, wrapper)
+
+    def wait_for(predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        with cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("timed out waiting for the ingest to settle")
+                cond.wait(min(left, 0.5))  # also re-check now and then: a change may land between
+    return wait_for
+
+
+def make_env(tmp_path, db_url, mappings, *, scan_interval=3600.0):
+    world = SimWorld(tmp_path / "sim")
+    users = {"alice": world.create_user("Alice", username="alice"),
+             "bob": world.create_user("Bob", username="bob", premium=True)}
+    poster = world.create_user("Poster", username="poster")
+    ids = [u.user_id for u in users.values()]
+    dest = world.create_channel("Stash", username="stash_archive", admins=ids)
+    src_a = world.create_channel("A", username="sim_source_a", members=ids + [poster.user_id])
+    src_b = world.create_channel("B", username="sim_source_b", members=ids + [poster.user_id])
+    for name, user in users.items():
+        write_session_file(tmp_path / "sessions" / f"{name}.session", user.auth_key)
+    settings = settings_from_dict({
+        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
+        "database": {"url": db_url},
+        "telegram": {"mode": "simulated"},
+        "metrics": {"enabled": False},
+        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
+                       "stop_timeout_seconds": 5},
+        "upload": {"destination": "stash_archive", "uploaders": 2, "window": 4},
+        "ingest": {"scan_interval_seconds": scan_interval, "scan_jitter_seconds": 0,
+                   "download_window": 4, "mappings": mappings},
+    }, base_dir=tmp_path, env={})
+
+    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
+        factory = lambda: build_client(settings, session_path,  # noqa: E731
+                                       transport_factory=lambda: LocalTransport(world))
+        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
+                                  listener=listener, client_factory=factory)
+
+    daemon = Daemon(settings, account_starter=starter, tick_seconds=0.05)
+    return daemon, world, poster, dest, src_a, src_b
+
+
+def destination_docs(world, dest):
+    return [m for m in world.inspect()["messages"]
+            if m["channel_id"] == dest and m["document"] and not m["deleted"]]
+
+
+def final(storage):
+    sets = storage.list_archive_sets(limit=1000)
+    return bool(sets) and all(s.state in ("ingested", "skipped", "failed") for s in sets)
+
+
+def test_two_accounts_one_channel_each_archive_uploaded_once(tmp_path, db_url, changes):
+    mappings = [{"account": "alice", "channel": "sim_source_a", "tags": ["games"]},
+                {"account": "bob", "channel": "sim_source_a", "tags": ["games"]},
+                {"account": "alice", "channel": "sim_source_b", "creator": "b crew"}]
+    daemon, world, poster, dest, src_a, src_b = make_env(tmp_path, db_url, mappings)
+    archives = [zip_bytes(i) for i in range(4)]
+    posted = [world.post_document(src_a, poster.user_id, f"pack{i}.zip", data)
+              for i, data in enumerate(archives)]
+    world.post_document(src_a, poster.user_id, "readme.txt", b"not an archive")
+    world.post_document(src_b, poster.user_id, "again.zip", archives[0])  # same bytes, new document
+    try:
+        daemon.start()
+        changes(lambda: final(daemon.storage) and len(daemon.storage.list_archive_sets(limit=100)) == 5)
+        changes(lambda: daemon.storage.index_states().get("pending", 0) == 0)
+        store = daemon.storage
+        docs = destination_docs(world, dest)
+        sent = sorted(hashlib.sha256(world.document_bytes(dest, m["id"])).hexdigest() for m in docs)
+        assert sent == sorted(hashlib.sha256(a).hexdigest() for a in archives)  # each once
+        states = {s.base_name: (s.state, s.reason) for s in store.list_archive_sets(limit=100)}
+        assert states == {**{f"pack{i}": ("ingested", None) for i in range(4)},
+                          "again": ("skipped", "duplicate")}
+        assert store.skips_by_reason() == {"duplicate": 1}
+        assert store.index_states()["ok"] == 4
+        meta = store.get_package_meta(hashlib.sha256(archives[1]).hexdigest())
+        assert meta.tags == ("games",) and meta.archive_format == "zip"
+        # runs: one per mapping, finished, counters add up to what happened
+        runs = store.list_runs(limit=20)
+        assert {r.mapping for r in runs} == {"alice:sim_source_a", "bob:sim_source_a",
+                                            "alice:sim_source_b"}
+        assert all(r.state == "finished" for r in runs)
+        assert sum(r.seen for r in runs) == 5
+        assert sum(r.ingested for r in runs) == 4     # queued for upload, by whichever account won
+        # the admin socket: status shows ingest, runs lists them, scan starts one
+        sock = daemon.settings.admin.socket
+        status = admin_call(sock, "status")
+        assert status["ingest"]["sets"]["ingested"] == 4
+        assert {m["label"] for m in status["ingest"]["mappings"]} == {r.mapping for r in runs}
+        assert len(admin_call(sock, "runs", {})["runs"]) == len(runs)
+        new = zip_bytes(9)
+        world.post_document(src_b, poster.user_id, "late.zip", new)
+        assert admin_call(sock, "scan", {"channel": "sim_source_b"})["started"] == ["alice:sim_source_b"]
+        changes(lambda: any(s.base_name == "late" and s.state == "ingested"
+                            for s in store.list_archive_sets(limit=100)))
+        assert len(destination_docs(world, dest)) == 5
+        with pytest.raises(Exception) as info:
+            admin_call(sock, "scan", {"channel": "elsewhere"})
+        assert "no mapping reads" in str(info.value)
+    finally:
+        daemon.stop()
+        world.close()
