@@ -21,6 +21,7 @@ sending account first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from typing import Any, Callable, Sequence
@@ -102,9 +103,12 @@ def marker_adopter(port: AccountsMessagePort) -> Callable[..., dict]:
                                              timeout=port.timeout, max_pages=5))
         lost = {p.message_id for p in parts}
         messages = [m for m in messages if m.id not in lost]
-        import dataclasses
-        unsent = [dataclasses.replace(p, message_id=None) for p in parts]
-        found = adoptable(unsent, messages, transfer.id)
+        # adoptable() wants every part of the transfer (the marker says n/count) and
+        # matches the ones without a message id: the parts about to be uploaded again
+        wanted = {p.index for p in parts}
+        every = [dataclasses.replace(p, message_id=None) if p.index in wanted else p
+                 for p in port.storage.list_parts(transfer.id)]
+        found = adoptable(every, messages, transfer.id)
         return {i: (m.id, m.document.id if m.document else None, account) for i, m in found.items()}
 
     return adopt

@@ -250,3 +250,44 @@ def test_the_dispatcher_resumes_a_reupload_the_verifier_queued(env, monkeypatch)
     env.clock.now += 60
     env.tick()
     assert env.storage.get_transfer(tid).state == "verified"
+
+
+def test_an_orphan_carrying_the_lost_part_is_adopted_not_uploaded_again(env):
+    """A copy of the part already sits in the channel under its caption marker (an earlier
+    re-upload by an account that crashed before recording it): the verifier adopts it."""
+    tid, path = env.transfer(2 * MIB + 5, MIB)  # 3 parts
+    env.upload(tid)
+    parts = env.storage.list_parts(tid)
+    plan = read_manifest(env.storage.get_transfer(tid).manifest_path).parts[2]
+    data = path.read_bytes()
+    orphan = env.world.post_document(env.dest, env.bob.user_id, plan.file_name,
+                                     data[plan.offset:plan.end], caption=plan.caption)
+    env.world.delete_messages(env.dest, [parts[2].message_id])
+    sends = env.requests("SendMediaRequest")
+    env.clock.now += 60
+    env.tick()
+    t = env.storage.get_transfer(tid)
+    after = env.storage.list_parts(tid)
+    assert t.state == "uploaded" and after[2].message_id == orphan
+    assert after[2].random_id == parts[2].random_id  # nothing new was planned
+    assert env.requests("SendMediaRequest") == sends and env.requests("SearchRequest") == 1
+    env.clock.now += 60
+    env.tick()
+    assert env.storage.get_transfer(tid).state == "verified"
+
+
+def test_deep_check_downloads_sampled_blocks_through_the_account(tmp_path, db_url):
+    e = Env(tmp_path, db_url)
+    try:
+        e.verifier.stop()
+        import dataclasses
+        e.verify = dataclasses.replace(e.verify, deep_check=True, deep_check_samples=2)
+        e.verifier = e.start_verifier()
+        tid, _ = e.transfer(3 * MIB + 7, 4 * MIB)  # one document of 4 blocks
+        e.upload(tid)
+        e.clock.now += 60
+        status = e.tick()
+        assert e.storage.get_transfer(tid).state == "verified" and status.checks == {"present": 1}
+        assert e.requests("GetFileRequest") == 2
+    finally:
+        e.close()

@@ -108,6 +108,21 @@ class Env:
             self.upload(m.transfer_id)
         return m.transfer_id
 
+    def bare_transfer(self, size=100, channel=CHANNEL):
+        """A transfer row and its one message, no file or manifest (checks that pass never
+        read them)."""
+        self.n += 1
+        tid = f"bare-{self.n:05d}"
+        info = self.port.post(channel, b"x" * size, f"bare{self.n}.bin")
+        self.storage.create_transfer(
+            tid, source_path=f"/nowhere/{tid}", size=size, sha256=f"{self.n:064x}",
+            destination=channel, manifest_path=f"/nowhere/{tid}.manifest", delete_original=False,
+            parts=[(0, 0, size, "0" * 64, f"bare{self.n}.bin", self.n)])
+        self.storage.record_part_sent(tid, 0, message_id=info.id, document_id=info.document.id,
+                                      account="alice")
+        self.storage.mark_transfer_uploaded(tid, first_check_delay=60)
+        return tid
+
     def upload(self, tid, parts=None):
         """What the uploader does: send the parts without a message, mark uploaded."""
         t = self.storage.get_transfer(tid)
@@ -191,8 +206,8 @@ def test_nothing_is_checked_before_the_first_check_delay(env):
 
 
 def test_ids_are_batched_at_most_100_per_call_per_channel(env):
-    ids = [env.transfer(100) for _ in range(130)]
-    ids += [env.transfer(100, channel="other_stash") for _ in range(30)]
+    ids = [env.bare_transfer() for _ in range(130)]
+    ids += [env.bare_transfer(channel="other_stash") for _ in range(30)]
     ids.append(env.transfer(3 * MIB + 5, limit=MIB))  # 4 parts
     env.due()
     outcomes = env.verifier.run_pass()
@@ -207,7 +222,7 @@ def test_a_small_batch_size_is_honoured(tmp_path):
     e = Env(tmp_path, batch_size=7)
     try:
         for _ in range(20):
-            e.transfer(50)
+            e.bare_transfer()
         e.due()
         e.verifier.run_until_idle()
         assert [len(c[2]) for c in e.port.calls] == [7, 7, 6]
@@ -478,7 +493,7 @@ def test_deep_check_catches_a_document_that_is_not_ours(tmp_path):
 
 
 def test_two_verifiers_never_check_the_same_transfer(env):
-    ids = [env.transfer(50) for _ in range(30)]
+    ids = [env.bare_transfer() for _ in range(30)]
     env.due()
     other = env.make_verifier("node/verifier#2")
     other.claim_limit = env.verifier.claim_limit = 10
@@ -511,3 +526,64 @@ def test_a_reupload_interrupted_before_the_state_moved_is_finished(env):
     assert (o.result, o.state) == ("reuploading", "uploading")
     assert env.storage.list_parts(tid)[0].random_id == 4242  # no second new id
     assert part.message_id is not None
+
+
+def test_the_adopt_hook_replaces_an_upload_but_never_with_the_lost_message(tmp_path):
+    calls = []
+
+    def adopt(transfer, parts, manifest):
+        calls.append([p.index for p in parts])
+        lost = parts[0].message_id
+        return {0: (lost, 1, "alice")} if len(calls) == 1 else {0: (4242, 99, "bob")}
+
+    e = Env(tmp_path)
+    try:
+        e.verifier = e.make_verifier("node/verifier#a", adopt=adopt)
+        tid = e.transfer(100)
+        e.due()
+        e.port.delete(CHANNEL, e.storage.list_parts(tid)[0].message_id)
+        [o] = e.verifier.run_pass()  # the hook offers the lost message itself: upload again
+        assert (o.result, o.state) == ("reuploading", "uploading")
+        e.upload(tid)
+        e.due()
+        e.port.delete(CHANNEL, e.storage.list_parts(tid)[0].message_id)
+        e.clock.now += 3600
+        [o] = e.verifier.run_pass()  # an orphan: recorded, nothing uploaded
+        assert (o.result, o.state) == ("reuploading", "uploaded") and "adopted" in o.detail
+        part = e.storage.list_parts(tid)[0]
+        assert (part.message_id, part.document_id, part.account) == (4242, 99, "bob")
+        assert calls == [[0], [0]]
+    finally:
+        e.close()
+
+
+def test_verify_metrics_are_counted(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from actors.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry()).add_verify_metrics()
+    e = Env(tmp_path)
+    try:
+        e.verifier = e.make_verifier("node/verifier#m", metrics=metrics)
+        keep = e.transfer(100)
+        gone = e.transfer(100)
+        e.port.delete(CHANNEL, e.storage.list_parts(gone)[0].message_id)
+        e.clock.now += 120
+        e.verifier.run_pass()
+
+        def value(name, **labels):
+            return metrics.registry.get_sample_value(name, labels or None)
+
+        assert value("stashd_verify_checks_total", result="present") == 1
+        assert value("stashd_verify_checks_total", result="missing") == 1
+        assert value("stashd_verify_misses_total") == 1
+        assert value("stashd_verify_reuploads_total") == 1
+        assert value("stashd_verify_lag_seconds") == 0
+        e.clock.now += 3 * 86400  # keep: cleanup due (grace), and overdue by days
+        e.storage.schedule_check(keep, at=e.clock.now - 50)
+        assert e.verifier.lag_seconds() == 50
+        e.verifier.run_pass()
+        assert value("stashd_verify_cleanups_total") == 1
+    finally:
+        e.close()
