@@ -192,7 +192,7 @@ class Daemon:
                  config_loader: Callable[[Path], Any] | None = None,
                  on_reload_logging: Callable[[Any], None] | None = None,
                  sim_autostart: bool = False, upload_limit_bytes: int | None = None,
-                 tick_seconds: float = TICK_SECONDS):
+                 tick_seconds: float = TICK_SECONDS, metrics_port_fallback: bool = False):
         self.settings = settings
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier()
@@ -220,6 +220,7 @@ class Daemon:
         self._stopped = False
         self._upload_limit_bytes = upload_limit_bytes
         self._tick_seconds = tick_seconds
+        self._metrics_port_fallback = metrics_port_fallback  # demo: a taken port -> a free one
         self._refs: dict[str, pykka.ActorRef] = {}
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -320,7 +321,13 @@ class Daemon:
             return
         from actors.metrics import start_metrics_server
 
-        self.metrics_server = start_metrics_server(self.metrics, m.host, m.port)
+        try:
+            self.metrics_server = start_metrics_server(self.metrics, m.host, m.port)
+        except OSError as exc:
+            if not (self._metrics_port_fallback and m.port):
+                raise
+            log.warning("metrics port {} is taken ({}); serving on a free port instead", m.port, exc)
+            self.metrics_server = start_metrics_server(self.metrics, m.host, 0)
         log.info("metrics on http://{}:{}/metrics", m.host, getattr(self.metrics_server, "port", m.port))
 
     def _account_spec(self, plan: AccountPlan) -> ChildSpec:

@@ -22,8 +22,10 @@ write the function here and append it to :data:`DEMO_STEPS`.
   queues them like ``stashctl upload``, waits until each transfer is uploaded
   and lists what landed where: file -> account, documents, message ids, channel.
 
-The metrics endpoint listens on a free port picked when the daemon starts
-(``port = 0``), so demos and test suites sharing a machine never collide.
+Metrics: the config says port 9464; when that port is taken at the moment
+the daemon binds it (another demo, a test suite), the demo's daemon serves on
+a free port instead (``Daemon(metrics_port_fallback=True)``, no check-then-bind
+race) and the summary prints the URL actually served.
 
 ``stashd run --config DIR/stashd.toml`` runs the same daemon again on the same
 state: in simulated mode it starts the sim server itself when none answers
@@ -43,7 +45,7 @@ from typing import Any, Callable, TextIO
 
 from loguru import logger
 
-DEMO_METRICS_PORT = 0      # 0: the daemon binds a free port (printed in the summary)
+DEMO_METRICS_PORT = 9464   # preferred; when taken the daemon binds a free one (printed)
 READY_TIMEOUT = 60.0
 SIM_START_TIMEOUT = 30.0
 UPLOAD_TIMEOUT = 60.0
@@ -372,7 +374,7 @@ def run_demo(demo_dir: Path, *, keep_running: bool = False, out: TextIO | None =
         setup_logging(settings)
     sim = None
     daemon = Daemon(settings, config_path=config_path, upload_limit_bytes=DEMO_SPLIT_BYTES,
-                    tick_seconds=DEMO_TICK_SECONDS)
+                    tick_seconds=DEMO_TICK_SECONDS, metrics_port_fallback=True)
     if keep_running:  # before the sim server starts, so a SIGTERM never orphans it
         daemon.install_signal_handlers()
     try:
