@@ -8,9 +8,12 @@ is an archive name (actors.ingest.archives) is recorded as a source message
 not processed again) with its set key; each touched set is re-evaluated
 (``set_status``) and upserted: complete sets become "ready", the others wait.
 A set over ``max_archive_bytes`` is skipped (``too_large``); a set still
-incomplete once its newest part is ``settle_seconds`` old is reported
-(``incomplete_set`` skip rows, it keeps waiting and becomes ready when the
-rest arrives). Documents that are no archives are not recorded.
+incomplete when a scan has reached the present is reported (``incomplete_set``
+skip rows; it keeps waiting, and becomes ready when the rest arrives, which
+removes the skip rows). A byte-split set whose last volume happens to be
+full-size counts as complete once its newest part is ``settle_seconds`` old
+(archives.set_status ``settled``). Documents that are no archives are not
+recorded.
 
 :class:`SetWorker` -- a claimed set (storage ``claim_ready_sets``) is ingested:
 
@@ -175,7 +178,7 @@ class SetRecorder:
             if fresh:
                 out.skip("too_large")
                 log.info("set {} skipped: too large ({} bytes)", key, status.total_size)
-        elif rec.state == "waiting" and waited >= self.settle_seconds:
+        elif rec.state == "waiting" and at_present:
             fresh = any(m.reason != "incomplete_set" for m in messages)
             for m in messages:
                 store.record_skip(m.channel_id, m.message_id, "incomplete_set", detail=status.reason,
@@ -353,7 +356,7 @@ class SetWorker:
         limit = self.limit_for() if self.limit_for is not None else self.planner.default_limit()
         caption = _caption(rec, mapping)
         manifest = await asyncio.to_thread(_build_set_manifest, paths, destination, limit, caption,
-                                           self.clock, tid)
+                                           self.clock, tid, f"{rec.base_name}.{rec.archive_format}")
         if manifest.sha256 != sha:
             raise DownloadError(f"set {rec.set_key}: staged files hash to {manifest.sha256}, "
                                 f"downloaded as {sha} (changed on disk?)")
@@ -395,16 +398,14 @@ def _caption(rec: Any, mapping: Any) -> str | None:
 
 
 def _build_set_manifest(paths: list[Path], destination: str, limit: int, caption: str | None,
-                        clock: Callable[[], float], transfer_id: str):
+                        clock: Callable[[], float], transfer_id: str, split_name: str | None = None):
     """The manifest of a set: one source per staged file, in content order."""
     from storage import manifest as mf
     if len(paths) == 1:
         m = mf.build_manifest(paths[0], destination, limit, caption, clock=clock)
-    else:
-        builder = getattr(mf, "build_set_manifest", None)
-        if builder is None:
-            raise DownloadError("multi-part sets need storage.manifest.build_set_manifest")
-        m = builder(paths, destination, limit, caption, clock=clock)
+    else:  # each volume one document when it fits, else the whole content re-split
+        m = mf.build_multi_manifest(paths, destination, limit, caption, split_name=split_name,
+                                    clock=clock)
     return _with_transfer_id(m, transfer_id) if m.transfer_id != transfer_id else m
 
 

@@ -152,3 +152,84 @@ def test_two_accounts_one_channel_each_archive_uploaded_once(tmp_path, db_url, c
     finally:
         daemon.stop()
         world.close()
+
+
+def test_the_seeded_catalogue_every_naming_scheme(tmp_path, changes):
+    """The demo world (actors/telegram/sim/seed.py): every naming scheme, a forward, a
+    re-upload, encrypted and corrupt archives, an incomplete set; three accounts."""
+    from actors.telegram.sim import samples
+    from actors.telegram.sim.seed import seed_world
+
+    world = SimWorld(tmp_path / "sim")
+    seeded = seed_world(world, tmp_path / "sessions", size_scale=0.5)
+    chans = seeded["channels"]
+    by_username = {"sim_source_a": chans["source_a"], "sim_source_b": chans["source_b"],
+                   "sim_forum": chans["forum"]}
+    mappings = [{"account": "alice", "channel": "sim_source_a"},
+                {"account": "bob", "channel": "sim_source_a"},
+                {"account": "bob", "channel": "sim_source_b"},
+                {"account": "carol", "channel": "sim_source_b", "creator": "b crew"},
+                {"account": "alice", "channel": "sim_forum", "topics": ["Games"], "tags": ["games"]},
+                {"account": "carol", "channel": "sim_forum", "topics": ["Software", "Games"]}]
+    settings = settings_from_dict({
+        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
+        "telegram": {"mode": "simulated"}, "metrics": {"enabled": False},
+        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
+                       "stop_timeout_seconds": 5},
+        "upload": {"destination": "stash_archive", "uploaders": 2, "window": 4},
+        "ingest": {"scan_interval_seconds": 3600, "scan_jitter_seconds": 0, "mappings": mappings},
+    }, base_dir=tmp_path, env={})
+
+    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
+        factory = lambda: build_client(settings, session_path,  # noqa: E731
+                                       transport_factory=lambda: LocalTransport(world))
+        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
+                                  listener=listener, client_factory=factory)
+
+    daemon = Daemon(settings, account_starter=starter, tick_seconds=0.05)
+    expected = samples.expected_sets(0.5)
+    try:
+        daemon.start()
+        store = daemon.storage
+
+        def settled():
+            sets = store.list_archive_sets(limit=100)
+            return len(sets) == len(expected) and all(
+                s.state in ("ingested", "skipped", "failed") or (s.state == "waiting" and s.reason is None
+                                                                  and s.base_name == "partial-set")
+                for s in sets) and store.index_states().get("pending", 0) == 0
+        changes(settled)
+        sets = {(s.channel_id, s.base_name): s for s in store.list_archive_sets(limit=100)}
+        dest = chans["destination"]
+        winners = {}  # sha256 -> the set that was ingested (which copy wins is a race)
+        for x in expected:
+            s = sets[(by_username[x.channel], x.name)]
+            if s.state == "ingested":
+                assert x.sha256 not in winners, f"{x.name} ingested twice"
+                winners[x.sha256] = s
+        assert set(winners) == {x.sha256 for x in expected if x.expect == "ingest"}
+        for x in expected:
+            s = sets[(by_username[x.channel], x.name)]
+            if x.expect == "ingest" or x.reason == "duplicate":
+                if winners[x.sha256] is not s:
+                    assert (s.state, s.reason) == ("skipped", "duplicate"), (x.name, s)
+                    assert s.transfer_id == winners[x.sha256].transfer_id
+                    continue
+                assert s.sha256 == x.sha256
+                parts = store.list_parts(s.transfer_id)
+                content = b"".join(world.document_bytes(dest, p.message_id) for p in parts)
+                assert hashlib.sha256(content).hexdigest() == x.sha256
+                meta = store.get_package_meta(x.sha256)
+                want = {"encrypted": "encrypted", "corrupt": "corrupt"}.get(x.reason, "ok")
+                assert meta.index_state == want, (x.name, meta.index_state, meta.index_reason)
+            else:
+                assert x.reason == "incomplete_set" and s.state == "waiting"
+                assert store.skips_by_reason(channel_id=s.channel_id).get("incomplete_set", 0) == 2
+        # exactly one destination document per part of each ingested set: nothing twice
+        docs = destination_docs(world, dest)
+        assert len(docs) == sum(len(store.list_parts(w.transfer_id)) for w in winners.values())
+        shas = [hashlib.sha256(world.document_bytes(dest, m["id"])).hexdigest() for m in docs]
+        assert len(shas) == len(set(shas))
+    finally:
+        daemon.stop()
+        world.close()

@@ -155,14 +155,14 @@ def test_too_large_and_incomplete_sets_are_reported(env):
     rig = Rig(env, max_archive_bytes=100_000, settle=600)
     env.post("big.zip", os.urandom(150_000))
     env.post("half.zip.002", os.urandom(4096))  # part 1 never came
-    out = rig.scan("alice", "sim_source_a", env.source_a)
-    assert out.skipped == {"too_large": 1}
+    out = rig.scan("alice", "sim_source_a", env.source_a)  # reaches the present: reported
+    assert out.skipped == {"too_large": 1, "incomplete_set": 1}
     assert {s.base_name: s.state for s in env.storage.list_archive_sets()} == \
         {"big": "skipped", "half": "waiting"}
-    env.clock.now += 601  # the half set has waited its settle time: reported, still waiting
+    env.clock.now += 601  # a later scan: still waiting, reported once only
     out = rig.scan("alice", "sim_source_a", env.source_a, since=10_000)
     rig.recorder.refresh_waiting(env.source_a, at_present=True, account="alice", outcome=out)
-    assert out.skipped == {"incomplete_set": 1}
+    assert out.skipped == {}
     assert env.storage.skips_by_reason(channel_id=env.source_a) == {"too_large": 1, "incomplete_set": 1}
     [half] = env.storage.list_archive_sets("waiting")
     assert half.base_name == "half"
