@@ -231,6 +231,9 @@ class Verifier:
         self.batch_size = max(1, min(int(settings.batch_size), MAX_IDS_PER_CALL))
         self.claim_limit = claim_limit or self.batch_size * DEFAULT_CLAIM_FACTOR
         self._errors: dict[str, int] = {}   # consecutive failed checks per transfer (memory only)
+        self._pending: set[str] = set()     # leased transfers of the running pass not done yet
+        self._lost_leases: set[str] = set()
+        self._renewed_at = 0.0
         self.calls = 0                      # GetMessages calls made
         self.checks: Counter = Counter()    # part checks by result
         self.outcomes: Counter = Counter()  # transfer outcomes by result
@@ -260,14 +263,23 @@ class Verifier:
     def check(self, transfers: Sequence[TransferRecord]) -> list[TransferOutcome]:
         """Check transfers leased to us (claim_due_transfers) and act on the results."""
         outcomes: list[TransferOutcome] = []
+        self._pending = {t.id for t in transfers}
+        self._lost_leases: set[str] = set()
+        self._renewed_at = self.clock()
         own = [t for t in transfers if t.duplicate_of is None]
         parts = self.storage.list_parts_many(t.id for t in own)
         results = self._check_parts(own, parts)
-        for t in own:
-            outcomes.append(self._guard(t, self._act, t, parts[t.id], results.get(t.id, {})))
-        for t in transfers:  # after the others: a duplicate sees this pass's verdict
-            if t.duplicate_of is not None:
+        ordered = own + [t for t in transfers if t.duplicate_of is not None]
+        for t in ordered:  # duplicates last: they see this pass's verdict on their reference
+            self._keep_leases()
+            self._pending.discard(t.id)
+            if t.id in self._lost_leases:
+                outcomes.append(TransferOutcome(t.id, "skipped", detail="lease lost during the pass"))
+            elif t.duplicate_of is None:
+                outcomes.append(self._guard(t, self._act, t, parts[t.id], results.get(t.id, {})))
+            else:
                 outcomes.append(self._guard(t, self._follow, t))
+        self._pending = set()
         for o in outcomes:
             self.outcomes[o.result] += 1
         return outcomes
@@ -283,6 +295,24 @@ class Verifier:
             self._log.warning("transfer {}: state changed under the check, skipped: {}", t.id, exc)
             self._release(t.id)
             return TransferOutcome(t.id, "skipped", exc.current, detail=str(exc))
+
+    def _keep_leases(self) -> None:
+        """A long pass (slow accounts, deep checks) renews the leases of the transfers it has
+        not finished every lease/3, so no other verifier takes them over meanwhile; a lease
+        that could not be renewed is dropped from the pass."""
+        lease = self.settings.lease_seconds
+        now = self.clock()
+        if now - self._renewed_at < lease / 3:
+            return
+        self._renewed_at = now
+        for tid in sorted(self._pending - self._lost_leases):
+            try:
+                ok = self.storage.renew_transfer_lease(tid, self.owner, lease)
+            except StorageError as exc:
+                self._log.warning("transfer {}: renewing the lease failed: {}", tid, exc)
+                ok = False
+            if not ok:
+                self._lost_leases.add(tid)
 
     def _release(self, transfer_id: str, next_check_at=UNSET) -> None:
         try:
@@ -303,6 +333,7 @@ class Verifier:
         for channel, items in by_channel.items():
             preferred = [a for a, _ in Counter(p.account for _, p in items if p.account).most_common()]
             for batch in batched(items, self.batch_size):
+                self._keep_leases()
                 for check in self._check_batch(channel, batch, preferred):
                     results[check.transfer_id][check.index] = check
         return results

@@ -587,3 +587,26 @@ def test_verify_metrics_are_counted(tmp_path):
         assert value("stashd_verify_cleanups_total") == 1
     finally:
         e.close()
+
+
+def test_a_long_pass_renews_its_leases_so_nobody_takes_them_over(env):
+    ids = [env.bare_transfer() for _ in range(5)]
+    env.due()
+    rival = []
+
+    class SlowPort(FakePort):
+        """Every GetMessages takes 50 s; a rival verifier tries to claim meanwhile."""
+
+        def get_messages(self, account, channel, ids_):
+            env.clock.now += 50
+            rival.extend(t.id for t in env.storage.claim_due_transfers("node/verifier#r", 10, 120))
+            return super().get_messages(account, channel, ids_)
+
+    slow = SlowPort()
+    slow.channels, slow.blobs = env.port.channels, env.port.blobs
+    env.port = slow
+    v = env.make_verifier("node/verifier#slow")
+    v.batch_size = 1  # 5 calls: 250 s against a 120 s lease
+    outcomes = v.run_pass()
+    assert rival == [] and [o.result for o in outcomes] == ["verified"] * 5
+    assert sorted(o.transfer_id for o in outcomes) == sorted(ids)
