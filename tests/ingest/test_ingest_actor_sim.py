@@ -134,6 +134,19 @@ def test_two_accounts_one_channel_each_archive_uploaded_once(tmp_path, db_url, c
         assert all(r.state == "finished" for r in runs)
         assert sum(r.seen for r in runs) == 5
         assert sum(r.ingested for r in runs) == 4     # queued for upload, by whichever account won
+        # metrics: archives seen, ingested, skipped by reason, bytes downloaded, scan lag
+        reg = daemon.metrics.registry
+        seen = sum(reg.get_sample_value("stashd_ingest_archives_seen_total", {"account": a}) or 0
+                   for a in ("alice", "bob"))
+        assert seen == 5
+        assert reg.get_sample_value("stashd_ingest_archives_ingested_total") == 4
+        assert reg.get_sample_value("stashd_ingest_skipped_total", {"reason": "duplicate"}) == 1
+        downloaded = sum(reg.get_sample_value("stashd_ingest_download_bytes_total", {"account": a}) or 0
+                         for a in ("alice", "bob"))
+        assert downloaded == sum(len(a) for a in archives) + len(archives[0])  # the re-post too
+        for r in runs:
+            assert reg.get_sample_value("stashd_ingest_scan_lag_seconds", {"mapping": r.mapping}) >= 0
+            assert reg.get_sample_value("stashd_ingest_scan_stalled", {"mapping": r.mapping}) == 0
         # the admin socket: status shows ingest, runs lists them, scan starts one
         sock = daemon.settings.admin.socket
         status = admin_call(sock, "status")
