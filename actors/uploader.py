@@ -11,8 +11,10 @@ import dataclasses
 import itertools
 import os
 import sys
+import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -33,33 +35,81 @@ __all__ = ["AccountPort", "FileReader", "BudgetActorPort", "BudgetRefusedError",
            "UploaderActor", "UploadStoppedError"]
 
 
+class _LoopHandOff:
+    """Runs callables on one event loop from any thread, one wake-up per batch.
+
+    ``loop.call_soon_threadsafe`` writes to the loop's self-pipe on every call;
+    with a window of chunks in flight the answers (budget grants, part acks)
+    arrive in bursts, so the first one schedules a drain and the rest ride along.
+    """
+
+    _per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHandOff]" = None  # set below
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[..., None], tuple]] = []
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_LoopHandOff":
+        """The hand-off of ``loop`` (call on the loop's own thread)."""
+        handoff = cls._per_loop.get(loop)
+        if handoff is None:
+            handoff = cls._per_loop[loop] = cls(loop)
+        return handoff
+
+    def put(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            self._items.append((fn, args))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for fn, args in items:
+            fn(*args)
+
+
+_LoopHandOff._per_loop = weakref.WeakKeyDictionary()
+
+
 class _LoopReply(pykka.Future):
     """The reply_to of an ask from a coroutine: the actor's answer resolves an
     asyncio future on the asking loop; no thread is parked waiting for it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, target: asyncio.Future):
+    def __init__(self, handoff: _LoopHandOff, target: asyncio.Future):
         super().__init__()
-        self._loop, self._target = loop, target
+        self._handoff, self._target = handoff, target
 
     def get(self, *, timeout: float | None = None) -> Any:  # nobody blocks on this future
         raise NotImplementedError("_LoopReply is awaited through ask_async")
 
     def set(self, value: Any = None) -> None:
-        self._hand_over(self._target.set_result, value)
+        self._handoff.put(_settle, self._target, value, None)
 
     def set_exception(self, exc_info: Any = None) -> None:
         exc_info = exc_info or sys.exc_info()
-        self._hand_over(self._target.set_exception,
-                        exc_info[1] if exc_info[1] is not None else exc_info[0]())
+        self._handoff.put(_settle, self._target, None,
+                          exc_info[1] if exc_info[1] is not None else exc_info[0]())
 
-    def _hand_over(self, action: Callable[[Any], None], arg: Any) -> None:
-        def run() -> None:
-            if not self._target.done():
-                action(arg)
-        try:
-            self._loop.call_soon_threadsafe(run)
-        except RuntimeError:  # the asking loop is gone: nobody waits any more
-            pass
+
+def _settle(target: asyncio.Future, value: Any, exc: BaseException | None) -> None:
+    if target.done():
+        return
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(value)
 
 
 async def ask_async(ref: Any, message: Any, timeout: float) -> Any:
@@ -75,7 +125,7 @@ async def ask_async(ref: Any, message: Any, timeout: float) -> Any:
     target = loop.create_future()
     if not ref.is_alive():
         raise pykka.ActorDeadError(f"{ref} not found")
-    ref.actor_inbox.put(Envelope(message, reply_to=_LoopReply(loop, target)))
+    ref.actor_inbox.put(Envelope(message, reply_to=_LoopReply(_LoopHandOff.of(loop), target)))
     try:
         async with asyncio.timeout(timeout):
             return await target
@@ -155,14 +205,14 @@ class BudgetActorPort:
     def __init__(self, budget_ref: Any, account: str):
         self.budget_ref, self.account = budget_ref, account
         self._prefix = f"upload-{uuid.uuid4().hex[:8]}"
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._waiting: dict[str, tuple[_LoopHandOff, asyncio.Future]] = {}
         self._alive = True
 
     async def acquire(self, nbytes: int) -> Any:
         loop = asyncio.get_running_loop()
         request_id = f"{self._prefix}-{next(self._ids)}"
         future = loop.create_future()
-        self._waiting[request_id] = (loop, future)
+        self._waiting[request_id] = (_LoopHandOff.of(loop), future)
         self.budget_ref.tell(ReserveBudget(request_id, self.account, nbytes, "part", reply_to=self))
         try:
             return await future
@@ -182,8 +232,8 @@ class BudgetActorPort:
             if isinstance(message, BudgetGranted):  # nobody waits any more: give it back
                 self.budget_ref.tell(ReleaseBudget(message.lease.lease_id))
             return
-        loop, future = entry
-        loop.call_soon_threadsafe(self._resolve, future, message)
+        handoff, future = entry
+        handoff.put(self._resolve, future, message)
 
     def is_alive(self) -> bool:
         return self._alive
