@@ -311,9 +311,24 @@ class Daemon:
         path = Path(self.settings.admin.socket)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         from actors.admin.protocol import COMMANDS
-        self.admin = AdminServer(path, self.dispatch, max_frame_bytes=self.settings.admin.max_frame_bytes,
+        self.admin = AdminServer(path, self._dispatch_admin, max_frame_bytes=self.settings.admin.max_frame_bytes,
                                  commands=COMMANDS)
         self.admin.start()
+
+    def _dispatch_admin(self, cmd: str, args: dict) -> Any:
+        """dispatch() on an admin connection's thread, then that thread's database connection
+        is closed: Pony keeps one per thread, and each admin connection is a new thread, so
+        without this every stashctl command left a PostgreSQL connection (or a SQLite file
+        handle) open until the daemon stopped ("too many clients already")."""
+        try:
+            return self.dispatch(cmd, args)
+        finally:
+            db = getattr(self.storage, "db", None)
+            if db is not None:
+                try:
+                    db.disconnect()
+                except Exception as exc:  # inside a db_session (a bug) or already closed
+                    log.debug("admin thread: database disconnect failed: {}", exc)
 
     def _start_metrics(self) -> None:
         m = self.settings.metrics

@@ -41,7 +41,7 @@ def uploaded(monkeypatch):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, monkeypatch, db_url):
     monkeypatch.delenv("STASHD_SOCKET", raising=False)
     world = SimWorld(tmp_path / "sim")
     alice = world.create_user("Alice", username="alice")
@@ -51,6 +51,7 @@ def env(tmp_path, monkeypatch):
     root.mkdir()
     settings = settings_from_dict({
         "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
+        "database": {"url": db_url},
         "telegram": {"mode": "simulated"},
         "metrics": {"enabled": False},
         "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
@@ -183,6 +184,26 @@ def test_modified_original_fails_then_retry_after_restoring_it(env, uploaded, ca
     [doc] = live_documents(world, channel).values()
     assert doc["document"]["file_name"] == "doc.bin"
     assert world.document_bytes(channel, doc["id"]) == data
+
+
+def test_admin_commands_do_not_leak_database_connections(env, db_url):
+    """Each admin connection is a thread of its own; its database connection must not outlive it."""
+    if not db_url.startswith("postgres"):
+        pytest.skip("counted on PostgreSQL (pg_stat_activity)")
+    import psycopg2
+
+    def backends() -> int:
+        with psycopg2.connect(db_url) as con, con.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()")
+            return cur.fetchone()[0]
+
+    daemon, world, channel, root, sock = env
+    admin_call(sock, "transfers", {})
+    before = backends()
+    for _ in range(30):
+        admin_call(sock, "transfers", {"state": "failed"})
+    assert backends() <= before + 1
 
 
 def test_unknown_transfer_and_verifier_errors(env, capsys):
