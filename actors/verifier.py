@@ -10,9 +10,16 @@ GetVerifierStatus -> VerifierStatusResult.
                         node=..., metrics=None, clock=time.time,
                         request_timeout=60.0, adopt=None, on_lost=None)
 
-Lease owner: ``verifier_owner(node)`` = "<node>/verifier#<random>", unique per
-process and actor; on start the leases of an earlier verifier of the same node
-(``"<node>/verifier#"`` prefix) are released (recovery after a crash).
+Lease owner: ``verifier_owner(node)`` = "<node>/verifier#<process>.<actor>",
+unique per process and actor; on start the leases of an earlier *process* of the
+same node (same host and state dir) are released (recovery after a crash or
+SIGKILL); leases of other nodes and of this process's verifiers are left to
+expire (``[verify] lease_seconds``). Two daemons must not share a state dir.
+
+``on_lost(transfer, parts, missing_indexes)``: called when a message of a
+cleaned transfer is gone (state failed, "lost after cleanup: ..."); the
+daemon passes none yet -- the hook for the ingest engine to fetch an ingested
+archive again from its source channel.
 
 :class:`AccountsMessagePort` is the MessagePort over AccountActor refs: readers
 are the running accounts whose stored state is ready or cooling_down, the part's
@@ -42,9 +49,12 @@ READER_STATES = ("ready", "cooling_down")
 OWNER_MARK = "/verifier#"
 
 
+PROCESS_TOKEN = secrets.token_hex(4)  # one per process: tells this process's leases apart
+
+
 def verifier_owner(node: str) -> str:
-    """A lease owner unique per process and actor, recognisable per node."""
-    return f"{node}{OWNER_MARK}{secrets.token_hex(6)}"
+    """A lease owner unique per process and actor: "<node>/verifier#<process>.<actor>"."""
+    return f"{node}{OWNER_MARK}{PROCESS_TOKEN}.{secrets.token_hex(4)}"
 
 
 class AccountsMessagePort:
@@ -144,7 +154,11 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
         self._log = logger.bind(actor="verifier")
 
     def on_start(self) -> None:
-        released = self.storage.release_transfer_leases(f"{self.node}{OWNER_MARK}", keep=self.owner)
+        # A crashed earlier process of this node left leases nobody renews: take them back
+        # now instead of after lease_seconds. Verifiers of this process (another actor, or
+        # the one a restart replaces) keep theirs until they expire.
+        released = self.storage.release_transfer_leases(
+            f"{self.node}{OWNER_MARK}", keep=f"{self.node}{OWNER_MARK}{PROCESS_TOKEN}.")
         self._log.info("verifier {} started{}", self.owner,
                        f"; released {released} lease(s) of an earlier verifier" if released else "")
 

@@ -100,7 +100,8 @@ API (all on ``Storage``)::
     count_due_checks(states=VERIFY_STATES) -> int   # due now, leased or not
     release_transfer_leases(owner_prefix, *, keep=None) -> int
         # recovery on start: drop leases whose owner starts with owner_prefix
-        # (a previous incarnation of this node's verifier), except ``keep``
+        # (a previous incarnation of this node's verifier), except owners
+        # starting with ``keep`` (this process's verifiers)
     mark_transfer_cleaned(transfer_id, *, next_check_at=UNSET, lease_owner=None)
         -> TransferRecord   # verified -> cleaned; refused (TransferStateError)
         # unless state is verified and every part has verified_at (a duplicate:
@@ -917,7 +918,8 @@ class TransferStore:
         return self._run(tx, write=False, what="count due checks")
 
     def release_transfer_leases(self, owner_prefix: str, *, keep: str | None = None) -> int:
-        """Drop the leases a previous incarnation (owner starting with the prefix) left."""
+        """Drop the leases a previous incarnation (owner starting with the prefix) left,
+        except those whose owner starts with ``keep`` (this process's own)."""
         if not owner_prefix:
             raise ValueError("owner prefix must not be empty")
         Transfer = self.entities.Transfer
@@ -927,7 +929,7 @@ class TransferStore:
             q = Transfer.select(lambda t: t.lease_owner is not None
                                 and t.lease_owner.startswith(owner_prefix))
             for t in q.without_distinct().for_update():
-                if keep is not None and t.lease_owner == keep:
+                if keep is not None and t.lease_owner.startswith(keep):
                     continue
                 t.set(lease_owner=None, lease_until=None)
                 n += 1

@@ -199,14 +199,22 @@ def test_verify_now_checks_at_once_and_a_restarted_verifier_takes_over(env):
     env.upload(tid)
     result = env.verifier.ask(VerifyNow(tid), timeout=30)
     assert result.scheduled == 1 and [o.result for o in result.outcomes] == ["verified"]
-    # a verifier that died holding a lease: its successor on the same node releases it
-    env.storage.schedule_check(tid)
-    assert [t.id for t in env.storage.claim_due_transfers("testnode/verifier#dead", 5, 600)] == [tid]
+    # an earlier process of this node died holding a lease: a new verifier releases it
+    from actors.verifier import PROCESS_TOKEN
+    other, _ = env.transfer(100_000, MIB)
+    env.upload(other)
+    env.storage.schedule_check(tid, at=env.clock.now - 1)  # claimed first
+    env.storage.schedule_check(other)
+    assert [t.id for t in env.storage.claim_due_transfers("testnode/verifier#dead.1", 1, 600)] == [tid]
+    # ... but a lease of another verifier of this very process is its own business
+    mine = f"testnode/verifier#{PROCESS_TOKEN}.beef"
+    assert [t.id for t in env.storage.claim_due_transfers(mine, 1, 600)] == [other]
     env.verifier.stop()
     env.verifier = env.start_verifier()
     status = env.tick()
     assert status.outcomes == {"verified": 1}
     assert env.storage.get_transfer(tid).lease_owner is None
+    assert env.storage.get_transfer(other).lease_owner == mine
 
 
 def test_the_dispatcher_resumes_a_reupload_the_verifier_queued(env, monkeypatch):

@@ -68,14 +68,14 @@ def test_oldest_due_check_ignores_future_checks_and_counts_leased_ones(store, cl
 def test_release_transfer_leases_of_an_earlier_incarnation(store, clock):
     for tid in ("a", "b", "c"):
         _uploaded(store, tid)
-    store.claim_due_transfers("node1/verifier#old", 1, 600)
-    store.claim_due_transfers("node1/verifier#new", 1, 600)
-    store.claim_due_transfers("node2/verifier#x", 1, 600)
-    assert store.release_transfer_leases("node1/verifier#", keep="node1/verifier#new") == 1
+    store.claim_due_transfers("node1/verifier#old.1", 1, 600)
+    store.claim_due_transfers("node1/verifier#new.2", 1, 600)
+    store.claim_due_transfers("node2/verifier#x.1", 1, 600)
+    assert store.release_transfer_leases("node1/verifier#", keep="node1/verifier#new.") == 1
     owners = sorted(filter(None, (store.get_transfer(t).lease_owner for t in "abc")))
-    assert owners == ["node1/verifier#new", "node2/verifier#x"]
+    assert owners == ["node1/verifier#new.2", "node2/verifier#x.1"]
     # the released one is claimable again at once
-    assert [t.id for t in store.claim_due_transfers("node1/verifier#new", 5, 600)] == ["a"]
+    assert [t.id for t in store.claim_due_transfers("node1/verifier#new.3", 5, 600)] == ["a"]
     with pytest.raises(ValueError):
         store.release_transfer_leases("")
 
