@@ -1,42 +1,66 @@
 """The verifier's logic, without threads: claim due checks, check, act (issue 4).
 
-:class:`Verifier` is driven by the VerifierActor (one call per Tick) and by
+:class:`Verifier` is driven by the VerifierActor (one pass per Tick) and by
 tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
 
-1. ``storage.claim_due_transfers(owner, batch, lease_seconds, VERIFY_STATES)``
-   (owner unique per process and actor; an expired lease is taken over);
-2. duplicates (``duplicate_of``) follow the referenced transfer's state;
-3. the others' parts are grouped per destination channel and their message
-   ids asked in batches of at most ``batch_size`` (<= 100) per GetMessages,
-   through the first account of ``port.readers(channel)`` that answers (the
-   part's sending account first); a part is present only when its message
-   exists and carries the expected document (:func:`document_mismatch`: size,
-   file name, and the document id recorded at send), and, with the deep check
-   on, sampled 1 MiB blocks match the manifest's block hashes;
-4. an error or timeout is NOT a pass: nothing is recorded, the lease is
-   released with ``next_check_at = now + compute_backoff(errors)``;
-5. all present -> ``record_check(present=...)``, state -> verified, next check
-   on the slow cycle (or at the end of the cleanup grace period), then
-   :class:`actors.cleanup.Cleaner` when due;
-6. misses -> ``record_check(missing=...)`` (only misses are recorded); a
-   cleaned transfer -> failed "lost after cleanup: ..." (loudly; the
-   ``on_lost`` hook is where ingest may fetch an archive again); attempts >=
-   max_attempts -> failed; re-upload not yet allowed by the backoff ->
-   verifying, due when it is; else the original is checked
-   (:func:`check_original`: size, mtime, sha256 of the part's range) -- gone
-   or changed -> failed with that reason, nothing uploaded -- then, per
-   missing part, the optional ``adopt(transfer, parts, manifest)`` hook
-   (caption-marker search; -> {index: (message_id, document_id, account)},
-   the lost message itself never counts) and else a
-   fresh random_id written into the manifest first
-   (``storage.manifest.rewrite_part_random_id``) then
-   ``storage.set_part_random_id``; state -> uploading (attempts + 1, account
-   cleared): the DispatcherActor resumes the parts without a message.
+1. ``storage.claim_due_transfers(owner, claim_limit, lease_seconds,
+   VERIFY_STATES)`` (uploaded, verifying, verified, cleaned; owner unique per
+   process and actor; an expired lease is taken over; a long pass renews the
+   leases it has not finished every lease/3);
+2. the parts of the claimed transfers are grouped per destination channel and
+   their message ids asked in batches of at most ``batch_size`` (<= 100) per
+   GetMessages, through the first account of ``port.readers(channel,
+   preferred)`` that answers (the accounts that sent the parts first); a part
+   is present only when its message exists and carries the expected document
+   (:func:`document_mismatch`: size, file name, and the document id recorded
+   at send) and, with ``deep_check``, sampled whole 1 MiB blocks downloaded
+   with DownloadRange hash to the manifest's block hashes ("not our document"
+   is a miss);
+3. an error or timeout (every reader failed, or none can read the channel now)
+   is NOT a pass: nothing is recorded for the transfer, it is due again after
+   ``compute_backoff(consecutive errors)`` (uploaded -> verifying);
+4. every part present -> parts verified_at = now, state -> verified, next
+   check on the slow cycle (``verified_interval_seconds``), or at the end of
+   the cleanup grace period when that comes first; when the grace period has
+   passed, :class:`actors.cleanup.Cleaner` cleans up right after this passing
+   check (state -> cleaned, still re-checked on the slow cycle);
+5. misses are recorded (``record_check(missing=...)``: misses += 1; nothing is
+   written for a pass but verified_at), then:
 
-Functions (pure): ``compute_backoff(attempt, initial, maximum)``,
-``batched(ids, size)``, ``document_mismatch(part, info)``,
-``reupload_allowed_at(transfer, parts, settings)``, ``check_original(manifest,
-part_index=None)`` (reads files), ``sample_blocks(part_plan, samples, rng)``.
+   - a cleaned transfer -> failed "lost after cleanup: ..." (log error, metric,
+     ``on_lost`` hook: where ingest may fetch an archive again);
+   - ``attempts`` (re-uploads so far; reset only by ``stashctl retry``) >=
+     ``max_attempts`` -> failed, everything kept;
+   - the next re-upload is not allowed yet (``reupload_allowed_at``: the first
+     at once, then ``compute_backoff(attempts)`` after the newest send) ->
+     verifying, due when it is;
+   - else the original is checked (:func:`check_original`: size, mtime,
+     sha256 of the missing parts' ranges): gone or changed -> failed with that
+     reason, nothing uploaded; an unreadable manifest -> failed; else the
+     ``adopt(transfer, parts, manifest)`` hook (caption-marker search, the
+     lost message never counts) may supply an orphan copy, recorded as is;
+     every other missing part gets a fresh random_id written into the
+     manifest first (``storage.manifest.rewrite_part_random_id``) then into
+     storage (``set_part_random_id``: message forgotten); the transfer ->
+     uploading (attempts + 1, account cleared): the DispatcherActor resumes
+     the parts without a message, and the uploader marks it uploaded again;
+
+6. duplicates (``duplicate_of``, completed by reference) follow the
+   referenced transfer after it was checked in the same pass: verified or
+   cleaned -> verified (and cleaned per their own policy after the grace
+   period of the reference's messages), failed -> failed, else look again
+   after ``interval_seconds``.
+
+States therefore move uploaded -> verified (a clean first check) or uploaded
+-> verifying (miss or error) -> uploading (re-upload) -> uploaded -> ...;
+verified -> verifying when a part goes missing; verified -> cleaned; cleaned
+-> failed when a message is lost.
+
+Functions (pure unless noted): ``compute_backoff(attempt, initial, maximum)``,
+``batched(items, size)``, ``document_mismatch(part, info)``,
+``reupload_allowed_at(transfer, parts, initial, maximum)``,
+``sample_blocks(length, samples, rng)``, ``check_original(manifest,
+part_indexes=None)`` (reads the files).
 
 Ports: :class:`MessagePort` -- ``readers(channel, preferred)`` -> account
 names to try, ``get_messages(account, channel, ids)`` -> tuple of MessageInfo |
@@ -44,8 +68,9 @@ None (raises on error/timeout), ``download_range(account, document, offset,
 limit)`` -> bytes.  :class:`actors.verifier.AccountsMessagePort` implements it
 over AccountActor refs.
 
-Metrics (optional, ``Metrics.add_verify_metrics``): checks by result
-(present/missing/error), misses, re-uploads, cleanups, lost, lag.
+Metrics (optional, ``Metrics.add_verify_metrics``): record_verify_check(result)
+for present/missing/error, record_verify_miss, record_reupload, record_cleanup,
+record_lost, set_verify_lag (oldest due check).
 """
 from __future__ import annotations
 
