@@ -67,6 +67,22 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
     return decode_body(body)
 
 
+SEND_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _widen_send_buffer(writer: asyncio.StreamWriter) -> None:
+    """Let a whole 512 KiB part frame go out in one send (the default Unix socket
+    buffer of ~208 KiB splits it into several sends and wake-ups); best effort,
+    the kernel caps it at net.core.wmem_max."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    except OSError:
+        pass
+
+
 class RemoteTransport:
     """Async transport to a ``SimServer``: ``await invoke(key, name, data) -> bytes``.
 
@@ -105,6 +121,7 @@ class RemoteTransport:
                 reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
             except (FileNotFoundError, ConnectionError, OSError) as exc:
                 raise ConnectionError(f"sim server at {self.socket_path} unreachable: {exc}") from None
+            _widen_send_buffer(writer)
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(
                 self._read_loop(reader, writer), name="sim-remote-reader")

@@ -29,7 +29,8 @@ from typing import Any, Callable
 from loguru import logger
 
 from actors.telegram.sim.errors import SimRpcError
-from actors.telegram.sim.remote import MAX_FRAME_BYTES, FrameError, SimControl, encode_frame, read_frame
+from actors.telegram.sim.remote import (MAX_FRAME_BYTES, FrameError, SimControl, _widen_send_buffer, encode_frame,
+                                        read_frame)
 
 SOCKET_NAME = "sim.sock"
 PID_NAME = "sim.pid"
@@ -372,6 +373,7 @@ class SimServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(asyncio.current_task())
+        _widen_send_buffer(writer)   # replies of 1 MiB (getFile) in one send
         requests: set[asyncio.Task] = set()
         write_lock = asyncio.Lock()  # one reply at a time into the transport (see RemoteTransport.invoke)
         try:
