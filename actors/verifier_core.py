@@ -257,6 +257,7 @@ class Verifier:
         self.claim_limit = claim_limit or self.batch_size * DEFAULT_CLAIM_FACTOR
         self._errors: dict[str, int] = {}   # consecutive failed checks per transfer (memory only)
         self._pending: set[str] = set()     # leased transfers of the running pass not done yet
+        self._passes: list[tuple] = []
         self._lost_leases: set[str] = set()
         self._renewed_at = 0.0
         self.calls = 0                      # GetMessages calls made
@@ -294,14 +295,22 @@ class Verifier:
         own = [t for t in transfers if t.duplicate_of is None]
         parts = self.storage.list_parts_many(t.id for t in own)
         results = self._check_parts(own, parts)
-        ordered = own + [t for t in transfers if t.duplicate_of is not None]
-        for t in ordered:  # duplicates last: they see this pass's verdict on their reference
+        self._passes: list[tuple] = []  # plain passes, written together (record_passes)
+        for t in own:
             self._keep_leases()
             self._pending.discard(t.id)
             if t.id in self._lost_leases:
                 outcomes.append(TransferOutcome(t.id, "skipped", detail="lease lost during the pass"))
-            elif t.duplicate_of is None:
+            else:
                 outcomes.append(self._guard(t, self._act, t, parts[t.id], results.get(t.id, {})))
+        outcomes = self._flush_passes(outcomes)
+        for t in transfers:  # duplicates last: they see this pass's verdict on their reference
+            if t.duplicate_of is None:
+                continue
+            self._keep_leases()
+            self._pending.discard(t.id)
+            if t.id in self._lost_leases:
+                outcomes.append(TransferOutcome(t.id, "skipped", detail="lease lost during the pass"))
             else:
                 outcomes.append(self._guard(t, self._follow, t))
         self._pending = set()
@@ -320,6 +329,22 @@ class Verifier:
             self._log.warning("transfer {}: state changed under the check, skipped: {}", t.id, exc)
             self._release(t.id)
             return TransferOutcome(t.id, "skipped", exc.current, detail=str(exc))
+
+    def _flush_passes(self, outcomes: list[TransferOutcome]) -> list[TransferOutcome]:
+        """Write the plain passes of this pass in one transaction; a transfer whose lease
+        was lost meanwhile becomes "skipped"."""
+        batch, self._passes = self._passes, []
+        if not batch:
+            return outcomes
+        written = set(self.storage.record_passes(batch, lease_owner=self.owner))
+        out = []
+        for o in outcomes:
+            if o.result == "verified" and o.transfer_id in {b[0] for b in batch} \
+                    and o.transfer_id not in written:
+                self._log.warning("transfer {}: lease lost before the pass was written", o.transfer_id)
+                o = TransferOutcome(o.transfer_id, "skipped", detail="lease lost before the pass was written")
+            out.append(o)
+        return out
 
     def _keep_leases(self) -> None:
         """A long pass (slow accounts, deep checks) renews the leases of the transfers it has
@@ -479,16 +504,15 @@ class Verifier:
         state = "cleaned" if t.state == "cleaned" else "verified"
         if state == "verified":
             due = self.cleaner.cleanup_due_at(t, parts)
-            rec = self.storage.record_check(
-                t.id, present=present, state="verified", reason="" if t.reason else None,
-                next_check_at=slow if due <= now else min(slow, due), lease_owner=self.owner,
-                release_lease=due > now)
-            if due <= now:
+            if due <= now:  # clean right after this passing check
+                rec = self.storage.record_check(
+                    t.id, present=present, state="verified", reason="" if t.reason else None,
+                    next_check_at=slow, lease_owner=self.owner)
                 return self._clean(rec, parts, slow)
-            return TransferOutcome(t.id, "verified", rec.state)
-        rec = self.storage.record_check(t.id, present=present, next_check_at=slow,
-                                        lease_owner=self.owner, release_lease=True)
-        return TransferOutcome(t.id, "verified", rec.state)
+            self._passes.append((t.id, "verified", min(slow, due), bool(t.reason)))
+            return TransferOutcome(t.id, "verified", "verified")
+        self._passes.append((t.id, "cleaned", slow, False))
+        return TransferOutcome(t.id, "verified", "cleaned")
 
     def _clean(self, t: TransferRecord, parts: list[PartRecord], next_check_at: float) -> TransferOutcome:
         try:

@@ -169,3 +169,24 @@ def test_a_reupload_claims_the_content_of_its_own_package(store, clock):
     store.record_part_sent("t", 0, message_id=900, document_id=None, account="bob")
     store.mark_transfer_uploaded("t")
     assert store.claim_content(sha, "node/t2", 60, "t").holder == "node/t2"  # no stale claim
+
+
+def test_record_passes_writes_many_in_one_go_and_skips_lost_leases(store, clock):
+    for tid in ("a", "b", "c"):
+        _uploaded(store, tid)
+    store.set_transfer_state("c", "failed", reason="x")
+    store.claim_due_transfers("v", 10, 60)  # a and b (c is failed)
+    store.release_transfer_lease("b", "v")
+    store.claim_due_transfers("w", 10, 60)  # b now belongs to w
+    clock.advance(5)
+    done = store.record_passes([("a", "verified", clock.now + 100, True),
+                                ("b", "verified", clock.now + 100, False),
+                                ("c", "verified", None, False)], lease_owner="v")
+    assert done == ["a"]
+    a = store.get_transfer("a")
+    assert (a.state, a.next_check_at, a.last_check_at, a.lease_owner) == (
+        "verified", clock.now + 100, clock.now, None)
+    assert [p.verified_at for p in store.list_parts("a")] == [clock.now, clock.now]
+    assert store.get_transfer("b").state == "uploaded"
+    assert all(p.verified_at is None for p in store.list_parts("b"))
+    assert store.record_passes([], lease_owner="v") == []
