@@ -13,6 +13,13 @@ Points in the code:
 - ``mid_part_upload``: a chunk of a part was acknowledged and journaled;
 - ``after_send_before_record``: Telegram returned the message, not recorded yet;
 - ``after_record``: the message id of a part is recorded (phase 1).
+
+Ingest (issue 5; not in ``POINTS``, which the upload-only property test samples):
+
+- ``ingest_after_download_chunk``: downloaded chunks were fsynced and journaled;
+- ``ingest_after_claim``: a ready archive set was leased, nothing done with it yet;
+- ``ingest_after_manifest``: a set's manifest is on disk, its transfer row not yet;
+- ``ingest_before_index``: a package is uploaded and listed, its index not recorded.
 """
 from __future__ import annotations
 

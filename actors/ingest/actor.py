@@ -44,6 +44,7 @@ from typing import Any, Callable
 from loguru import logger
 
 from actors.base import LoopActor
+from actors.faults import fault_point
 from actors.ingest.pipeline import (
     IngestAccountPort, Phase2, RecordOutcome, SET_LEASE_SECONDS, SetRecorder, SetWorker,
 )
@@ -361,6 +362,7 @@ class IngestActor(SupervisedMixin, LoopActor):
             if not claimed:
                 return
             rec = claimed[0]
+            fault_point("ingest_after_claim")
             if rec.set_key in tried:  # failed once in this run: next scan
                 store.release_set_lease(rec.set_key, owner)
                 return

@@ -53,6 +53,7 @@ import pykka
 from loguru import logger
 
 from actors.account_messages import DocumentInfo, DownloadRange
+from actors.faults import fault_point
 from actors.telegram.errors import CoolingDownError, FloodWaitError, RpcError
 
 __all__ = [
@@ -412,6 +413,7 @@ class _Run:
             for index in self.unsynced:
                 self.journal.record(index)
             self.unsynced.clear()
+            fault_point("ingest_after_download_chunk")
 
     def _advance(self) -> None:
         """Hash every chunk the prefix now reaches; free their leases and slots."""

@@ -58,6 +58,7 @@ from typing import Any, Callable
 from loguru import logger
 
 from actors.account_messages import DocumentInfo, GetMessages, MessagesResult
+from actors.faults import fault_point
 from actors.ingest.archives import SetPart, parse_archive_name, set_key, set_status
 from actors.ingest.download import (
     AccountRangePort, DownloadError, ask_on_loop, download_document, journal_path,
@@ -361,6 +362,7 @@ class SetWorker:
             raise DownloadError(f"set {rec.set_key}: staged files hash to {manifest.sha256}, "
                                 f"downloaded as {sha} (changed on disk?)")
         path = write_manifest(manifest, self.planner.manifest_path(tid))
+        fault_point("ingest_after_manifest")
         try:
             self.storage.create_transfer(
                 tid, source_path=manifest.sources[0].path, size=manifest.total_size, sha256=sha,
@@ -505,6 +507,7 @@ class Phase2:
                     out.indexed["unreadable"] = out.indexed.get("unreadable", 0) + 1
                 continue  # not on this node (yet): the lease expires, another may do it
             result = await asyncio.to_thread(index_archive, paths, fmt=meta.archive_format)
+            fault_point("ingest_before_index")
             store.record_package_index(
                 meta.sha256, state=result.state, reason=result.reason or None, entries=result.entries,
                 preview=result.preview, preview_name=result.preview_name,
