@@ -254,7 +254,9 @@ class Verifier:
         self.cleaner = cleaner
         self.adopt, self.on_lost = adopt, on_lost
         self.batch_size = max(1, min(int(settings.batch_size), MAX_IDS_PER_CALL))
-        self.claim_limit = claim_limit or self.batch_size * DEFAULT_CLAIM_FACTOR
+        # a deep check downloads deep_check_samples MiB per document: smaller passes
+        factor = 1 if settings.deep_check else DEFAULT_CLAIM_FACTOR
+        self.claim_limit = claim_limit or self.batch_size * factor
         self._errors: dict[str, int] = {}   # consecutive failed checks per transfer (memory only)
         self._pending: set[str] = set()     # leased transfers of the running pass not done yet
         self._passes: list[tuple] = []
