@@ -22,6 +22,12 @@ write the function here and append it to :data:`DEMO_STEPS`.
   queues them like ``stashctl upload``, waits until each transfer is uploaded
   and lists what landed where: file -> account, documents, message ids, channel.
 
+- :func:`ingest_step`: the daemon ingests the seeded source channels (Source A
+  and B each read by two accounts, the forum's topics by one; see
+  :data:`DEMO_INGEST_TOML`), and the summary lists each ingested archive with
+  its index, the skipped messages by reason, the sets still waiting for parts
+  and how many archives are verified.
+
 Metrics: the config says port 9464; when that port is taken at the moment
 the daemon binds it (another demo, a test suite), the demo's daemon serves on
 a free port instead (``Daemon(metrics_port_fallback=True)``, no check-then-bind
@@ -195,7 +201,7 @@ stop_timeout_seconds = 10
 roots = ["{d / 'files'}"]
 destination = "stash_archive"
 uploaders = 2
-"""
+""" + DEMO_INGEST_TOML
 
 
 # ------------------------------------------------------------------ the demo
@@ -329,8 +335,107 @@ def upload_step(daemon, demo_dir: Path) -> DemoSection:
     return section
 
 
+# -- ingest (issue 5): the seeded source channels into @stash_archive ----------------------
+
+INGEST_TIMEOUT = 90.0
+# Source A and B are each read by two accounts (each archive is still uploaded once).
+DEMO_INGEST_TOML = """
+[ingest]
+scan_interval_seconds = 600
+scan_jitter_seconds = 0.5
+mappings = [
+  {account = "alice", channel = "sim_source_a"},
+  {account = "bob", channel = "sim_source_a"},
+  {account = "bob", channel = "sim_source_b"},
+  {account = "carol", channel = "sim_source_b"},
+  {account = "carol", channel = "sim_forum", topics = ["Games", "Software"], creator = "Sim Forum", tags = ["forum"]},
+]
+
+# Named so the mappings are valid before the first seeding writes the session files.
+[[accounts]]
+session = "alice"
+[[accounts]]
+session = "bob"
+[[accounts]]
+session = "carol"
+"""
+_ACTIVE_SETS = ("ready", "downloading", "uploading")
+_VERIFIED = ("verified", "cleaned")
+
+
+def _ingest_settled(store, labels: set[str], since: float) -> bool:
+    """Every mapping scanned since ``since``, no set in flight, every package indexed."""
+    runs = [r for r in store.list_runs(limit=200) if r.started_at >= since]
+    if any(r.state == "running" for r in runs) or not labels <= {r.mapping for r in runs}:
+        return False
+    sets = store.archive_sets_by_state()
+    return not any(sets.get(state) for state in _ACTIVE_SETS) and not store.index_states().get("pending")
+
+
+def ingest_step(daemon, demo_dir: Path) -> DemoSection:
+    """Scan the seeded source channels now, wait until what they hold is ingested,
+    and tell what became of each archive: ingested (with its index), skipped and
+    why, waiting (an incomplete set), verified so far."""
+    from actors.ingest.actor import mapping_label
+
+    store, settings = daemon.storage, daemon.settings
+    mappings = settings.ingest.mappings
+    section = DemoSection(f"Ingest from the source channels ({len(mappings)} mappings, "
+                          f"{len({m.account for m in mappings})} accounts):")
+    since = time.time() - 1.0
+    daemon.dispatch("scan", {})
+    labels = {mapping_label(m) for m in mappings}
+    deadline = time.monotonic() + INGEST_TIMEOUT
+    while not _ingest_settled(store, labels, since) and time.monotonic() < deadline:
+        time.sleep(0.2)  # bounded polling of the ingest's progress in storage
+    sets = store.list_archive_sets(limit=1000)
+    ingested = [x for x in sets if x.state == "ingested"]
+    delay = settings.verify.first_check_delay_seconds
+    if settings.verify.enabled and delay <= 10:   # a demo-sized delay: wait for the checks
+        until = time.monotonic() + delay + 30.0
+        while time.monotonic() < until and not all(
+                (t := store.get_transfer(x.transfer_id)) is not None and t.state in _VERIFIED
+                for x in ingested):
+            time.sleep(0.2)  # bounded polling of the verifier's results
+    verified = sum(1 for x in ingested if (t := store.get_transfer(x.transfer_id)) is not None
+                   and t.state in _VERIFIED)
+    width = max((len(x.base_name) + len(x.archive_format) + 1 for x in sets), default=10)
+    for x in sorted(ingested, key=lambda r: (r.channel_id, r.topic_id or 0, r.created_at)):
+        meta = store.get_package_meta(x.sha256) if x.sha256 else None
+        index = "index pending"
+        if meta is not None and meta.index_state != "pending":
+            count = meta.entry_count
+            index = (f"{count} {'entry' if count == 1 else 'entries'}" if meta.index_state == "ok"
+                     else f"{meta.index_state}: {meta.index_reason}")
+            if meta.preview_name:
+                index += f", preview {meta.preview_name}"
+        parts = "1 part" if x.seen_parts == 1 else f"{x.seen_parts} parts"
+        name = f"{x.base_name}.{x.archive_format}".ljust(width)
+        section.lines.append(f"  {name}  {_size(x.total_size):>9}  {x.scheme:<8} {parts:<8} {index}")
+    total = sum(x.total_size for x in ingested)
+    section.lines.append(f"  ingested {len(ingested)} archive(s), {_size(total)}, each uploaded once "
+                         f"into {_channel_name(daemon, settings.upload.destination)}")
+    skipped = store.skips_by_reason()
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()) if n) or "none"
+    section.lines.append(f"  skipped message(s): {reasons}")
+    waiting = [x for x in sets if x.state == "waiting"]
+    if waiting:
+        section.lines.append("  waiting for missing parts: " + ", ".join(
+            f"{x.base_name} ({x.seen_parts} of {x.expected_parts or '?'} parts)" for x in waiting))
+    failed = [x for x in sets if x.state == "failed"]
+    if failed:
+        section.lines.append("  FAILED: " + ", ".join(f"{x.base_name} ({x.reason})" for x in failed))
+    note = "" if verified == len(ingested) else (
+        f" (the first check comes {delay:g}s after each upload)" if settings.verify.enabled
+        else " (verification is off)")
+    section.lines.append(f"  verified {verified} of {len(ingested)}{note}")
+    section.ok = bool(ingested) and not failed and not any(
+        store.archive_sets_by_state().get(state) for state in _ACTIVE_SETS)
+    return section
+
+
 # The demo's steps, in order (see the module doc); later issues append theirs.
-DEMO_STEPS: list[Callable[[Any, Path], DemoSection]] = [upload_step]
+DEMO_STEPS: list[Callable[[Any, Path], DemoSection]] = [upload_step, ingest_step]
 
 
 def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_dir: Path,

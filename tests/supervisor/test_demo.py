@@ -1,6 +1,8 @@
 """`stashd demo` in-process (its sim server is a real subprocess): the upload step splits the
 large sample, prints what landed where, and a second demo on the same directory completes
-every sample by reference; a taken metrics port falls back to a free one."""
+every sample by reference; the ingest step puts every seeded archive in the destination
+once (twice scanned) and says what was ingested, skipped and why, waiting and verified;
+a taken metrics port falls back to a free one."""
 from __future__ import annotations
 
 import io
@@ -14,6 +16,7 @@ from actors.demo import (
     DEMO_STEPS, SAMPLE_FILES, DemoSection, SimServerProcess, format_summary, port_free, run_demo,
 )
 from actors.telegram.sim.remote import SimControl
+from actors.telegram.sim.samples import expected_ingested
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -67,7 +70,20 @@ def test_demo_uploads_samples_then_completes_them_by_reference(tmp_path):
         server.stop()
     docs = sorted((m["document"]["file_name"], m["id"]) for m in messages
                   if m.get("document") and not m.get("deleted"))
-    assert docs == sorted(ids.items())      # each sample part exactly once, where the demo said
+    uploaded = [d for d in docs if d[0] in ids]
+    assert uploaded == sorted(ids.items())  # each sample part exactly once, where the demo said
+    # the rest are the ingested archives' volumes, each once, although two demos scanned
+    ingested = sorted(name for name, _ in docs if name not in ids)
+    volumes = sorted(n for x in expected_ingested().values() for n in x.file_names)
+    assert ingested == volumes
+    for text in (first, second):
+        section = text.split("\nIngest from the source channels", 1)[1].split("\n\n", 1)[0]
+        assert f"ingested {len(expected_ingested())} archive(s)" in section
+        assert "skipped message(s): duplicate 2, incomplete_set 2" in section
+        assert "waiting for missing parts: partial-set (2 of 3 parts)" in section
+        assert "corrupt: " in section and "encrypted: " in section
+        assert "preview holiday-photos/cover.png" in section
+        assert re.search(r"verified \d+ of \d+", section)
 
 
 def test_summary_sections_are_printed_in_order_and_steps_are_extensible():
