@@ -331,6 +331,12 @@ class Verifier:
             self._log.warning("transfer {}: state changed under the check, skipped: {}", t.id, exc)
             self._release(t.id)
             return TransferOutcome(t.id, "skipped", exc.current, detail=str(exc))
+        except (OSError, StorageError) as exc:  # disk full, database hiccup: try again later
+            delay = max(self.settings.backoff_initial_seconds, 1.0)
+            self._log.error("transfer {}: {} while acting on the check; again in {:.0f}s: {}",
+                            t.id, type(exc).__name__, delay, exc)
+            self._release(t.id, next_check_at=self.clock() + delay)
+            return TransferOutcome(t.id, "error", detail=f"{type(exc).__name__}: {exc}")
 
     def _flush_passes(self, outcomes: list[TransferOutcome]) -> list[TransferOutcome]:
         """Write the plain passes of this pass in one transaction; a transfer whose lease

@@ -610,3 +610,26 @@ def test_a_long_pass_renews_its_leases_so_nobody_takes_them_over(env):
     outcomes = v.run_pass()
     assert rival == [] and [o.result for o in outcomes] == ["verified"] * 5
     assert sorted(o.transfer_id for o in outcomes) == sorted(ids)
+
+
+def test_a_disk_error_while_reuploading_is_retried_later(env, monkeypatch):
+    import actors.verifier_core as core
+
+    tid = env.transfer(100)
+    env.due()
+    part = env.storage.list_parts(tid)[0]
+    env.port.delete(CHANNEL, part.message_id)
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core, "rewrite_part_random_id", full)
+    [o] = env.verifier.run_pass()
+    t = env.storage.get_transfer(tid)
+    assert o.result == "error" and "No space left" in o.detail
+    assert (t.state, t.lease_owner, t.next_check_at) == ("verifying", None, env.clock.now + 30)
+    assert env.storage.list_parts(tid)[0].random_id == part.random_id  # nothing half-done
+    monkeypatch.undo()
+    env.clock.now += 30
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("reuploading", "uploading")
