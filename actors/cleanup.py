@@ -3,9 +3,10 @@
 :class:`Cleaner`:
 
     Cleaner(storage, *, grace_seconds, clock=time.time, unlink=os.unlink)
-    cleanup_due_at(transfer, parts, reference_parts=None) -> float
-        # when the grace period ends: newest sent_at of the messages that
-        # back the transfer (the referenced transfer's for a duplicate) + grace
+    cleanup_due_at(transfer, parts) -> float
+        # when the grace period ends: newest sent_at of ``parts`` (the messages
+        # that back the transfer: the referenced transfer's parts for a
+        # duplicate) + grace
     clean(transfer, parts=None, *, lease_owner=None, next_check_at=UNSET) -> CleanupResult
         # only a transfer that storage says is "verified" with every part
         # verified (re-read before anything is touched; a duplicate: its
@@ -84,6 +85,12 @@ class Cleaner:
         if transfer.duplicate_of is None and (
                 not parts or any(p.verified_at is None or p.message_id is None for p in parts)):
             raise TransferStateError(transfer.id, transfer.state, "cleaned", "parts not verified")
+        if transfer.duplicate_of is not None:
+            ref = self.storage.get_transfer(transfer.duplicate_of)
+            if ref is None or ref.state not in ("verified", "cleaned"):
+                raise TransferStateError(transfer.id, transfer.state, "cleaned",
+                                         f"referenced transfer {transfer.duplicate_of} is "
+                                         f"{'gone' if ref is None else ref.state}, not verified")
         removed: list[str] = []
         kept: list[str] = []
         deleted = False
