@@ -1147,7 +1147,8 @@ class IngestStore:
             return []
         Meta = self.entities.PackageMeta
         params: dict = {"owner": owner, "lim": int(limit)}
-        where = ("index_state = 'pending' AND (lease_until IS NULL OR lease_until <= $now) "
+        where = ("index_state = 'pending' AND (lease_until IS NULL OR lease_until <= $now "
+                 "OR lease_owner = $owner) "
                  "AND EXISTS (SELECT 1 FROM packages k WHERE k.sha256 = package_meta.sha256)")
 
         def tx():

@@ -168,8 +168,11 @@ class IngestActor(SupervisedMixin, LoopActor):
             n = self.storage.interrupt_stale_runs(older_than=0.0, owner=self.node)
             if n:
                 self._log.warning("{} run(s) of an earlier life marked interrupted", n)
+            released = self._release_own_set_leases()
+            if released:
+                self._log.info("released {} set lease(s) of an earlier life of this node", released)
         except Exception as exc:  # noqa: BLE001 - not worth failing the start over
-            self._log.warning("could not mark stale runs: {}", exc)
+            self._log.warning("could not clean up after an earlier life: {}", exc)
         self._log.info("ingest: {} mapping(s), staging in {}", len(self._mappings),
                        self.settings.ingest.staging_dir)
 
@@ -179,6 +182,15 @@ class IngestActor(SupervisedMixin, LoopActor):
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _release_own_set_leases(self) -> int:
+        """Leases this node held when it died (a crash mid-set): free at once, not after expiry."""
+        prefix, n = f"{self.node}/", 0
+        for state in ("ready", "downloading", "uploading"):
+            for s in self.storage.list_archive_sets(state, limit=100_000):
+                if s.lease_owner and s.lease_owner.startswith(prefix):
+                    n += bool(self.storage.release_set_lease(s.set_key, s.lease_owner))
+        return n
 
     def on_failure(self, exc_type, exc_value, tb) -> None:
         self._log.opt(exception=(exc_type, exc_value, tb)).error("ingest actor failed")
