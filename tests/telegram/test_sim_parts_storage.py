@@ -1,0 +1,151 @@
+"""How the simulated server stores uploaded parts: one sparse file per upload,
+the document hard-linked from it (512 KiB parts) or gathered (smaller parts),
+nothing left behind after sendMedia, expiry, or a rolled-back sendMedia."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from telethon.extensions import BinaryReader
+from telethon.tl import functions, types
+
+from actors.telegram.sim.errors import SimRpcError
+from actors.telegram.sim.world import SimWorld, auth_key_id
+
+KIB = 1024
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = Clock()
+    world = SimWorld(tmp_path / "w", clock=clock, seed=3, part_ttl_seconds=600)
+    alice = world.create_user("A", username="alice")
+    channel = world.create_channel("c", username="chan", admins=[alice.user_id])
+    yield world, clock, alice, channel
+    world.close()
+
+
+def call(world, user, request):
+    raw = world.handle_bytes(auth_key_id(user.auth_key), bytes(request))
+    return request.read_result(BinaryReader(raw))
+
+
+def peer(world, user, channel_id):
+    result = call(world, user, functions.messages.GetDialogsRequest(None, 0, types.InputPeerEmpty(), 100, 0))
+    chat = next(c for c in result.chats if c.id == channel_id)
+    return types.InputPeerChannel(chat.id, chat.access_hash)
+
+
+def upload(world, user, file_id, data, part_size, *, big=True, order=None):
+    parts = [data[i:i + part_size] for i in range(0, len(data), part_size)]
+    for index in order or range(len(parts)):
+        if big:
+            request = functions.upload.SaveBigFilePartRequest(file_id, index, len(parts), parts[index])
+        else:
+            request = functions.upload.SaveFilePartRequest(file_id, index, parts[index])
+        assert call(world, user, request) is True
+    return len(parts)
+
+
+def send(world, user, channel, file_id, count, *, big=True, name="f.bin", random_id=1, md5=""):
+    input_file = (types.InputFileBig(file_id, count, name) if big
+                  else types.InputFile(file_id, count, name, md5))
+    media = types.InputMediaUploadedDocument(input_file, "application/octet-stream",
+                                             [types.DocumentAttributeFilename(name)])
+    updates = call(world, user, functions.messages.SendMediaRequest(
+        peer(world, user, channel), media, "", random_id=random_id))
+    return next(u.message for u in updates.updates if isinstance(u, types.UpdateNewChannelMessage))
+
+
+def parts_dir(world):
+    return world.state_dir / "parts"
+
+
+def test_512k_parts_out_of_order_become_the_document_by_link_and_leave_nothing(env):
+    world, _clock, alice, channel = env
+    data = os.urandom(3 * 512 * KIB + 1000)
+    count = upload(world, alice, 11, data, 512 * KIB, order=[3, 1, 0, 2])
+    [upload_file] = list(parts_dir(world).iterdir())
+    assert upload_file.stat().st_size == len(data)   # parts at i x 512 KiB, end to end
+    message = send(world, alice, channel, 11, count)
+    assert world.document_bytes(channel, message.id) == data
+    assert list(parts_dir(world).iterdir()) == []     # the upload's name is gone, the document stays
+    assert message.media.document.size == len(data)
+
+
+@pytest.mark.parametrize("part_kib", [128, 256])
+def test_smaller_parts_are_gathered_into_the_document(env, part_kib):
+    world, _clock, alice, channel = env
+    data = os.urandom(11 * part_kib * KIB + 77)
+    count = upload(world, alice, 12, data, part_kib * KIB, order=list(range(11, -1, -1)))
+    message = send(world, alice, channel, 12, count)
+    assert world.document_bytes(channel, message.id) == data
+    assert list(parts_dir(world).iterdir()) == []
+
+
+def test_small_file_md5_is_checked_on_the_gathered_bytes(env):
+    world, _clock, alice, channel = env
+    data = os.urandom(300 * KIB)
+    count = upload(world, alice, 13, data, 128 * KIB, big=False)
+    with pytest.raises(SimRpcError, match="MD5_CHECKSUM_INVALID"):
+        send(world, alice, channel, 13, count, big=False, md5="0" * 32)
+    docs = world.state_dir / "docs"
+    assert list(docs.iterdir()) == []                # the refused document left no file
+    message = send(world, alice, channel, 13, count, big=False, md5=hashlib.md5(data).hexdigest(),
+                   random_id=2)                      # the parts are still there
+    assert world.document_bytes(channel, message.id) == data
+
+
+def test_a_rolled_back_send_removes_its_document_file_and_keeps_the_parts(env, monkeypatch):
+    world, _clock, alice, channel = env
+    data = os.urandom(2 * 512 * KIB)
+    count = upload(world, alice, 14, data, 512 * KIB)
+    from actors.telegram.sim import handlers_messages
+
+    def broken(*_a, **_k):
+        raise RuntimeError("after the document was assembled")
+
+    monkeypatch.setattr(handlers_messages, "_remember", broken)
+    with pytest.raises(SimRpcError, match="SIM_INTERNAL_ERROR"):
+        send(world, alice, channel, 14, count)
+    assert list((world.state_dir / "docs").iterdir()) == []
+    monkeypatch.undo()
+    message = send(world, alice, channel, 14, count)
+    assert world.document_bytes(channel, message.id) == data
+
+
+def test_expired_parts_are_missing_and_their_file_is_removed(env):
+    world, clock, alice, channel = env
+    data = os.urandom(2 * 512 * KIB)
+    upload(world, alice, 15, data[:512 * KIB], 512 * KIB)     # part 0 of a 1-part view: written early
+    clock.now += 601
+    call(world, alice, functions.upload.SaveBigFilePartRequest(16, 0, 2, data[:512 * KIB]))
+    call(world, alice, functions.upload.SaveBigFilePartRequest(16, 1, 2, data[512 * KIB:]))
+    assert world.expire_parts() == 1
+    assert len(list(parts_dir(world).iterdir())) == 1         # file 15 had no part left: removed
+    with pytest.raises(SimRpcError, match="FILE_PART_0_MISSING"):
+        send(world, alice, channel, 15, 1)
+    clock.now += 300                                           # file 16's parts: still young enough
+    message = send(world, alice, channel, 16, 2)
+    assert world.document_bytes(channel, message.id) == data
+
+
+def test_part_size_rules_still_hold(env):
+    world, _clock, alice, channel = env
+    call(world, alice, functions.upload.SaveBigFilePartRequest(17, 0, 3, b"x" * 256 * KIB))
+    call(world, alice, functions.upload.SaveBigFilePartRequest(17, 1, 3, b"y" * 128 * KIB))
+    call(world, alice, functions.upload.SaveBigFilePartRequest(17, 2, 3, b"z" * KIB))
+    with pytest.raises(SimRpcError, match="FILE_PART_SIZE_CHANGED"):
+        send(world, alice, channel, 17, 3)
+    with pytest.raises(SimRpcError, match="FILE_PART_SIZE_INVALID"):
+        call(world, alice, functions.upload.SaveBigFilePartRequest(18, 0, 3, b"x" * 1000))
