@@ -188,3 +188,24 @@ def test_phase2_follows_the_upload_and_indexes_the_archive(env):
     assert meta.index_state == "ok" and meta.archive_format == "zip"
     assert [e.path for e in env.storage.package_entries(queued.sha256)] == \
         [f"dir/file{i}.bin" for i in range(4)]
+
+
+@pytest.mark.parametrize("limit,names", [
+    (2 * MIB, ["kit.zip.001", "kit.zip.002"]),           # each volume fits: one document per volume
+    (MIB // 2, ["kit.zip.001", "kit.zip.002", "kit.zip.003"]),  # a volume is over: re-split
+])
+def test_sets_are_split_at_the_limit_the_node_gives(env, limit, names):
+    data = zip_bytes(n_files=2, size=650_000)           # ~1.3 MB, cut into two volumes
+    first, second = data[: len(data) * 6 // 10], data[len(data) * 6 // 10:]
+    env.post("kit.zip.001", first)
+    env.post("kit.zip.002", second)
+    rig = Rig(env)
+    rig.worker.limit_for = lambda: limit
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [queued] = rig.ingest_ready("alice", env.source_a)
+    assert queued.result == "queued" and queued.sha256 == hashlib.sha256(data).hexdigest()
+    parts = env.storage.list_parts(queued.transfer_id)
+    assert [p.file_name for p in parts] == names
+    assert sum(p.length for p in parts) == len(data)
+    if len(names) == 2:
+        assert [p.length for p in parts] == [len(first), len(second)]
