@@ -64,7 +64,7 @@ from actors.ingest.download import (
     AccountRangePort, DownloadError, ask_on_loop, download_document, journal_path,
 )
 from actors.ingest.scan import AccountScanPort, Page, Target
-from actors.transfers import CLAIM_LEASE_SECONDS, MANIFEST_SUFFIX, claim_owner
+from actors.transfers import CLAIM_LEASE_SECONDS, claim_owner
 
 __all__ = ["IngestAccountPort", "SetRecorder", "SetWorker", "Phase2", "SetOutcome", "RecordOutcome",
            "SETTLE_SECONDS", "SET_LEASE_SECONDS", "marked_channel", "transfer_id_for"]

@@ -10,7 +10,7 @@ import pytest
 
 from actors.account_messages import DocumentInfo
 from actors.ingest.download import (
-    ChunkJournal, DownloadError, SizeMismatchError, download_document, journal_path,
+    ChunkJournal, SizeMismatchError, download_document, journal_path,
 )
 from actors.telegram.errors import FloodWaitError, RpcError
 
