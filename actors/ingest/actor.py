@@ -120,6 +120,70 @@ class _Progress:
                 "bytes_total": self.bytes_total, "started_at": self.started_at}
 
 
+# ------------------------------------------------------------------ the schedule (no threads)
+
+
+class Schedule:
+    """When each mapping is due, as plain logic (the actor drives it, tests call it directly).
+
+    A mapping is *due* at a time, *running* while its account's round has it, or
+    *again* when ScanNow came while it ran (due at once when that round ends).
+    """
+
+    RUNNING, AGAIN = float("inf"), -1.0
+
+    def __init__(self, mappings: list[tuple[str, str]], *, interval: float, jitter: float,
+                 retry: float = RETRY_SECONDS, rng: random.Random | None = None):
+        self.accounts = dict(mappings)          # label -> account
+        self.interval, self.jitter, self.retry = interval, jitter, retry
+        self.rng = rng or random.Random()
+        self.due: dict[str, float] = {}
+
+    def _jitter(self) -> float:
+        return self.rng.uniform(0, self.jitter) if self.jitter else 0.0
+
+    def start(self, now: float) -> None:
+        """The first scans come within the jitter after start."""
+        for label in self.accounts:
+            self.due[label] = now + self._jitter()
+
+    def take_due(self, now: float, busy: set[str] | frozenset = frozenset()) -> dict[str, list[str]]:
+        """Due labels of accounts not ``busy``, by account; they are running from now on."""
+        out: dict[str, list[str]] = {}
+        for label, account in self.accounts.items():
+            at = self.due.get(label, now)  # AGAIN (-1) counts as due once its account is free
+            if account in busy or at == self.RUNNING or at > now:
+                continue
+            out.setdefault(account, []).append(label)
+        for labels in out.values():
+            for label in labels:
+                self.due[label] = self.RUNNING
+        return out
+
+    def finished(self, label: str, now: float, *, ok: bool = True) -> None:
+        """One scan ended: due again after the interval (a failure: after ``retry``)."""
+        if self.due.get(label) == self.AGAIN:
+            self.due[label] = now
+            return
+        self.due[label] = now + (self.interval if ok else self.retry) + self._jitter()
+
+    def abandon(self, label: str, now: float) -> None:
+        """A round ended without scanning this label (account down): try again soon."""
+        if self.due.get(label) in (self.RUNNING, self.AGAIN):
+            self.finished(label, now, ok=False)
+
+    def scan_now(self, labels, now: float) -> None:
+        for label in labels:
+            self.due[label] = self.AGAIN if self.due.get(label) == self.RUNNING else now
+
+    def running(self, label: str) -> bool:
+        return self.due.get(label) in (self.RUNNING, self.AGAIN)
+
+    def next_at(self, label: str) -> float | None:
+        at = self.due.get(label)
+        return None if at in (None, self.RUNNING, self.AGAIN) else at
+
+
 # ------------------------------------------------------------------ the actor
 
 
@@ -139,7 +203,9 @@ class IngestActor(SupervisedMixin, LoopActor):
         self._phase2_interval = phase2_interval
         ing = settings.ingest
         self._mappings = [(mapping_label(m), m) for m in ing.mappings]
-        self._due: dict[str, float] = {}
+        self.schedule = Schedule([(label, m.account) for label, m in self._mappings],
+                                 interval=ing.scan_interval_seconds, jitter=ing.scan_jitter_seconds,
+                                 rng=self._rng)
         self._last_present: dict[str, float] = {}
         self._stalled: dict[str, bool] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -160,10 +226,7 @@ class IngestActor(SupervisedMixin, LoopActor):
 
     # -- life cycle --------------------------------------------------------------------------
     def on_start(self) -> None:
-        now = self._clock()
-        jitter = self.settings.ingest.scan_jitter_seconds
-        for label, _m in self._mappings:
-            self._due[label] = now + (self._rng.uniform(0, jitter) if jitter else 0.0)
+        self.schedule.start(self._clock())
         try:
             n = self.storage.interrupt_stale_runs(older_than=0.0, owner=self.node)
             if n:
@@ -208,16 +271,10 @@ class IngestActor(SupervisedMixin, LoopActor):
     # -- the schedule ------------------------------------------------------------------------
     def _tick(self) -> None:
         now = self._clock()
-        by_account: dict[str, list] = {}
-        for label, m in self._mappings:
-            if self._due.get(label, now) <= now:
-                by_account.setdefault(m.account, []).append((label, m))
-        for account, due in by_account.items():
-            task = self._tasks.get(account)
-            if task is not None and not task.done():
-                continue
-            for label, _m in due:  # taken: not due again until this round ends
-                self._due[label] = float("inf")
+        busy = {a for a, t in self._tasks.items() if not t.done()}
+        by_label = dict(self._mappings)
+        for account, labels in self.schedule.take_due(now, busy).items():
+            due = [(label, by_label[label]) for label in labels]
             self._tasks[account] = self.loop.create_task(self._account_round(account, due))
         if (self._phase2_task is None or self._phase2_task.done()) and \
                 now - self._last_phase2 >= self._phase2_interval:
@@ -231,11 +288,7 @@ class IngestActor(SupervisedMixin, LoopActor):
         for label, m in self._mappings:
             if wanted is None or _channel_key(m.channel) == wanted or self._known_id(m, wanted):
                 labels.append(label)
-                running = self._tasks.get(m.account)
-                if running is None or running.done() or self._due.get(label) != float("inf"):
-                    self._due[label] = self._clock()
-                else:  # scanning right now: once more when this round ends
-                    self._due[label] = -1.0
+        self.schedule.scan_now(labels, self._clock())  # running ones: again when their round ends
         if labels:
             self._tick()
         return ScanNowResult(tuple(labels))
@@ -254,13 +307,7 @@ class IngestActor(SupervisedMixin, LoopActor):
             return []
 
     def _reschedule(self, label: str, *, soon: bool = False) -> None:
-        ing = self.settings.ingest
-        if self._due.get(label) == -1.0:  # ScanNow came while it ran
-            self._due[label] = self._clock()
-            return
-        delay = RETRY_SECONDS if soon else ing.scan_interval_seconds
-        jitter = self._rng.uniform(0, ing.scan_jitter_seconds) if ing.scan_jitter_seconds else 0.0
-        self._due[label] = self._clock() + delay + jitter
+        self.schedule.finished(label, self._clock(), ok=not soon)
 
     def _update_lag(self, now: float) -> None:
         if self._metrics is None or not hasattr(self._metrics, "set_scan_lag"):
@@ -295,8 +342,7 @@ class IngestActor(SupervisedMixin, LoopActor):
         finally:
             self._progress.pop(account, None)
             for label, _m in due:
-                if self._due.get(label) == float("inf"):
-                    self._reschedule(label, soon=True)
+                self.schedule.abandon(label, self._clock())
 
     async def _scan_mapping(self, account, label, m, port, dialogs, progress) -> bool:
         log = self._log.bind(account=account)
@@ -425,10 +471,9 @@ class IngestActor(SupervisedMixin, LoopActor):
             task = self._tasks.get(m.account)
             running = task is not None and not task.done() and \
                 self._progress.get(m.account) is not None and self._progress[m.account].mapping == label
-            due = self._due.get(label)
             mappings.append({"label": label, "account": m.account, "channel": m.channel,
                              "topics": list(m.topics), "destination": m.destination,
-                             "next_scan_at": None if due in (None, float("inf"), -1.0) else due,
+                             "next_scan_at": self.schedule.next_at(label),
                              "running": running, "stalled": self._stalled.get(label, False),
                              "last_complete_scan_at": self._last_present.get(label)})
         running = tuple(p.to_dict() for p in self._progress.values())
