@@ -32,7 +32,9 @@ and not queued meanwhile is queued *with that manifest* (same transfer id,
 split, random_ids; delete_original from the config, since the request's flag
 is not in the manifest); one whose source changed, vanished or left the roots,
 or whose content was queued again from the same path (the inbox, a retried
-``stashctl upload``), is removed.  An unreadable one is left for the operator.
+``stashctl upload``), is removed.  An unreadable one is left for the operator,
+and an ingest set's manifest (several sources, or its source in the ingest
+staging dir) is left to the ingest pipeline, which rewrites and queues it.
 """
 from __future__ import annotations
 
@@ -219,6 +221,8 @@ class TransferPlanner:
             return []
         queued = []
         roots = self.roots()
+        staging = getattr(getattr(self.settings, "ingest", None), "staging_dir", None)
+        staging = Path(os.path.realpath(staging)) if staging else None
         for path in sorted(d.glob(f"*{MANIFEST_SUFFIX}")):
             tid = path.name[: -len(MANIFEST_SUFFIX)]
             try:
@@ -234,6 +238,8 @@ class TransferPlanner:
                 log.error("orphan manifest {} cannot be read, left for the operator: {}", path, exc)
                 continue
             src = m.sources[0]
+            if len(m.sources) != 1 or (staging is not None and Path(src.path).is_relative_to(staging)):
+                continue   # an ingest set's manifest: the ingest pipeline rewrites and queues it
             why = self._check_file(src.path, Path(os.path.realpath(src.path)), roots)
             if why is None:
                 st = os.stat(src.path)

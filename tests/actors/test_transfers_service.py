@@ -201,3 +201,26 @@ def test_orphan_manifests_are_queued_with_the_same_plan_or_removed(env):
     assert left == sorted([kept_path.name, f"{requeued.id}.stashd-manifest", garbage.name])
     assert sorted(t.id for t in storage.list_transfers()) == sorted([kept.transfer_id, requeued.id])
     assert p.recover_orphans(older_than=time.time() + 1) == []  # idempotent
+
+
+def test_orphan_manifests_of_ingest_sets_are_left_to_the_ingest_pipeline(tmp_path):
+    import time
+
+    from storage.manifest import build_manifest, write_manifest
+    root = tmp_path / "root"
+    staging = root / "staging"
+    staging.mkdir(parents=True)
+    settings = settings_from_dict({
+        "daemon": {"state_dir": str(tmp_path / "state")}, "telegram": {"mode": "simulated"},
+        "upload": {"roots": [str(root)], "destination": "stash_archive"},
+        "ingest": {"staging_dir": str(staging)}}, base_dir=tmp_path, env={})
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        p = planner(settings, storage)
+        (staging / "set.zip").write_bytes(b"z" * 1000)
+        m = build_manifest(staging / "set.zip", "stash_archive", MIB)
+        path = write_manifest(m, p.manifest_path(m.transfer_id))
+        assert p.recover_orphans(older_than=time.time() + 1) == []
+        assert path.exists() and storage.list_transfers() == []
+    finally:
+        storage.close()
