@@ -49,7 +49,7 @@ def run_until_killed(config: Path, fault: str, start):
     sock = config.parent / "stashd.sock"
     proc = stashd("run", "--config", str(config), env=env(STASHD_FAULT=fault))
     try:
-        wait_for(lambda: all_ready(sock), what="accounts ready")
+        wait_for(lambda: all_ready(sock), timeout=40, what="accounts ready")  # a loaded machine
         value = start(sock)
         assert proc.wait(60) == -signal.SIGKILL   # died at the fault point
         return value
