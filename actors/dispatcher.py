@@ -368,7 +368,7 @@ class DispatcherActor(SupervisedMixin, pykka.ThreadingActor):
         if need is None:
             need = self._max_part[t.id] = max((p.length for p in self.storage.list_parts(t.id)),
                                               default=0)
-        if t.state == "uploading" and t.account:
+        if t.account:   # started before (also a planned one put back by a retry)
             account = handover_account(t.account, views, need, now, self._down_since.get(t.account),
                                        self._handover_after)
             if account is not None and account != t.account and t.id not in self._handed_over:

@@ -368,13 +368,16 @@ class UploaderActor(LoopActor):
             store.set_transfer_state(tid, "failed", reason=str(exc))
             log.error("manifest refused, transfer marked failed: {}", exc)
             raise
+        # another account started it: its unrecorded sends are adopted, not duplicated; the new
+        # account is stored only after that, so a crash in between adopts again on resume
+        adopt = (transfer.state == "uploading" or transfer.account) and transfer.account != msg.account
         if transfer.state == "planned":
-            store.set_transfer_state(tid, "uploading", expected=("planned",), account=msg.account)
+            store.set_transfer_state(tid, "uploading", expected=("planned",),
+                                     account=transfer.account if adopt else msg.account)
         elif transfer.state != "uploading":
             raise ValueError(f"transfer {tid} is {transfer.state}, not planned/uploading")
         account_ref = self._accounts(msg.account)
-        if transfer.state == "uploading" and transfer.account != msg.account:
-            # another account started it: its unrecorded sends are adopted, not duplicated
+        if adopt:
             adopted = await adopt_orphans(store, account_ref, tid, channel=msg.channel or None,
                                           manifest=manifest, timeout=self._timeout)
             store.set_transfer_state(tid, "uploading", expected=("uploading",), account=msg.account)

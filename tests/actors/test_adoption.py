@@ -246,3 +246,17 @@ def test_same_account_resumes_without_searching(env):
     assert result.state == "uploaded"
     assert env.count("alice", "SearchRequest") == 0
     assert len(env.documents()) == 1                      # random_id made the re-send idempotent
+
+
+def test_a_planned_transfer_put_back_after_another_account_started_it_adopts_too(env):
+    """A retry may put a transfer alice started back to "planned": bob still adopts first,
+    and the transfer names bob only once the adoption is done."""
+    path, m = env.transfer(3 * MIB, 2 * MIB)
+    env.storage.set_transfer_state(m.transfer_id, "uploading", account="alice")
+    orphan = env.send_unrecorded("alice", path, m, 0)
+    env.storage.set_transfer_state(m.transfer_id, "planned")
+    uploader = UploaderActor.start(env.storage, env.accounts, window=4, clock=env.clock)
+    result = uploader.ask(UploadTransfer(m.transfer_id, "bob"), timeout=30)
+    assert [p.message_id for p in result.parts][0] == orphan.message_id
+    assert env.count("bob", "SendMediaRequest") == 1 and len(env.documents()) == 2
+    assert env.storage.get_transfer(m.transfer_id).account == "bob"
