@@ -13,8 +13,9 @@ idle uploader of the pool with an account chosen by :func:`choose_account`:
 - not known to be over quota;
 - least busy (fewest transfers given to it), then by name.
 
-A transfer in "uploading" resumes with the account that started it (uploaded
-chunks, the chunk journal and random_id de-duplication are per session).  It
+A transfer an account started (in "uploading", or put back to "planned" by a
+retry) resumes with that account (uploaded chunks, the chunk journal and
+random_id de-duplication are per session).  It
 is handed over to another account (:func:`handover_account`) only when
 
 - that account is no longer configured: at once;
