@@ -28,6 +28,11 @@ write the function here and append it to :data:`DEMO_STEPS`.
   its index, the skipped messages by reason, the sets still waiting for parts
   and how many archives are verified.
 
+- :func:`verify_step` (last): every transfer is checked when due (asked at once,
+  like ``stashctl verify ID``) and cleaned after the demo's short grace period
+  (:data:`DEMO_VERIFY_TOML`); the summary says per transfer what was verified
+  and what the cleanup removed (the manifest) or kept (originals, per policy).
+
 Metrics: the config says port 9464; when that port is taken at the moment
 the daemon binds it (another demo, a test suite), the demo's daemon serves on
 a free port instead (``Daemon(metrics_port_fallback=True)``, no check-then-bind
@@ -201,7 +206,7 @@ stop_timeout_seconds = 10
 roots = ["{d / 'files'}"]
 destination = "stash_archive"
 uploaders = 2
-""" + DEMO_INGEST_TOML
+""" + DEMO_INGEST_TOML + DEMO_VERIFY_TOML
 
 
 # ------------------------------------------------------------------ the demo
@@ -434,8 +439,93 @@ def ingest_step(daemon, demo_dir: Path) -> DemoSection:
     return section
 
 
+# -- verification and cleanup (issue 4): every transfer verified, then cleaned per policy ----
+
+VERIFY_TIMEOUT = 60.0
+# Demo-sized: checked a second after upload, cleaned two seconds after the newest message.
+DEMO_VERIFY_TOML = """
+[verify]
+first_check_delay_seconds = 1
+interval_seconds = 5
+cleanup_grace_seconds = 2
+"""
+_SETTLED = ("cleaned", "failed")
+_CHECKED = ("uploaded", "verifying", "verified")
+
+
+def _label(demo_dir: Path, source_path: str) -> tuple[int, str]:
+    """(0, path under DIR/files) for an upload, (1, "name (ingested)") for a staged archive."""
+    path = Path(source_path)
+    try:
+        return 0, str(path.relative_to(demo_dir / "files"))
+    except ValueError:
+        return 1, f"{path.name} (ingested)"
+
+
+def verify_step(daemon, demo_dir: Path) -> DemoSection:
+    """Every transfer checked when due (asked at once, as ``stashctl verify ID`` does, rather
+    than at the verifier's next idle pass), then cleaned after the grace period; the summary
+    says, per transfer, what was verified and what the cleanup removed or kept."""
+    store, settings = daemon.storage, daemon.settings
+    v = settings.verify
+    section = DemoSection(f"Verification and cleanup (first check {v.first_check_delay_seconds:g}s after "
+                          f"upload, cleanup {v.cleanup_grace_seconds:g}s after the newest message):")
+    if not v.enabled:
+        section.lines.append("  verification is off ([verify] enabled = false): nothing is cleaned")
+        return section
+    everything = store.list_transfers(limit=10_000)
+    ids = [t.id for t in everything]
+    started = getattr(daemon, "started_at", 0.0)
+    fresh = {t.id for t in everything if t.created_at >= started}   # shown: this run's transfers
+    checks: dict[str, int] = {tid: 0 for tid in ids}
+    deadline = time.monotonic() + VERIFY_TIMEOUT
+    while time.monotonic() < deadline:
+        records = [store.get_transfer(tid) for tid in ids]
+        if all(r.state in _SETTLED for r in records):
+            break
+        now = time.time()
+        for r in records:
+            if r.state in _CHECKED and r.lease_owner is None and (r.next_check_at or 0.0) <= now:
+                try:
+                    daemon.dispatch("verify", {"id": r.id})
+                    checks[r.id] += 1
+                except Exception as exc:  # the verifier restarting: the next round asks again
+                    log.warning("demo: verify {} failed: {}", r.id, exc)
+        time.sleep(0.2)  # bounded polling: uploads of re-sent parts, the grace period
+    records = sorted((store.get_transfer(tid) for tid in ids),
+                     key=lambda r: (_label(demo_dir, r.source_path), r.created_at))
+    shown = [r for r in records if r.id in fresh]
+    width = max((len(_label(demo_dir, r.source_path)[1]) for r in shown), default=10)
+    for r in shown:
+        parts = store.list_parts(r.id)
+        kind, label = _label(demo_dir, r.source_path)
+        name = label.ljust(width)
+        count = "1 part " if len(parts) == 1 else f"{len(parts)} parts"
+        if r.duplicate_of:
+            what = f"same content as {r.duplicate_of[:8]}: verified through it"
+        else:
+            what = f"{sum(1 for p in parts if p.verified_at is not None)}/{len(parts)} verified"
+        if r.state == "cleaned":
+            files = ["manifest removed" if not Path(r.manifest_path).exists() else "manifest kept"]
+            original = "staged copy" if kind else "original"
+            gone = r.delete_original and not Path(r.source_path).exists()
+            files.append(f"{original} {'deleted' if gone else 'kept'}")
+            what += ", cleaned: " + ", ".join(files)
+        else:
+            what += f", {r.state.upper()}" + (f": {r.reason}" if r.reason else "")
+        section.lines.append(f"  {name}  {count}  {what}")
+    cleaned = sum(1 for r in records if r.state == "cleaned")
+    failed = sum(1 for r in records if r.state == "failed")
+    verdict = ("every transfer verified and cleaned" if cleaned == len(records)
+               else "NOT every transfer verified and cleaned")
+    earlier = f" ({len(records) - len(shown)} from earlier runs)" if len(shown) < len(records) else ""
+    section.lines.append(f"  {verdict}: {cleaned} of {len(records)} cleaned{earlier}, {failed} failed")
+    section.ok = bool(records) and cleaned == len(records)
+    return section
+
+
 # The demo's steps, in order (see the module doc); later issues append theirs.
-DEMO_STEPS: list[Callable[[Any, Path], DemoSection]] = [upload_step, ingest_step]
+DEMO_STEPS: list[Callable[[Any, Path], DemoSection]] = [upload_step, ingest_step, verify_step]
 
 
 def format_summary(infos: dict[str, dict], channels: dict[str, list[str]], demo_dir: Path,
