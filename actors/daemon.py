@@ -828,8 +828,8 @@ class Daemon:
                    for r in self.storage.list_transfers(state, limit=VERIFY_ALL_LIMIT)
                    if r.next_check_at is not None and r.next_check_at <= now]
         records.sort(key=lambda r: (r.next_check_at or 0.0, r.created_at))
-        try:
-            ref.tell(vm.Tick())
+        try:  # VerifyNow runs passes at once; a Tick waits for the verifier's next idle pass
+            ref.tell(vm.VerifyNow(None) if args.get("all") else vm.Tick())
         except pykka.ActorDeadError as exc:
             raise AdminCommandError("the verifier is restarting; try again", code="not_running") from exc
         shown = []
@@ -838,7 +838,8 @@ class Daemon:
             shown.append({"id": r.id, "state": r.state, "source_path": r.source_path,
                           "last_check_at": r.last_check_at, "next_check_at": r.next_check_at,
                           "misses": sum(p.misses for p in parts)})
-        return {"scheduled": scheduled, "requested_at": now, "transfers": shown}
+        return {"scheduled": scheduled, "all": bool(args.get("all")), "requested_at": now,
+                "transfers": shown}
 
     def _tell_verifier(self) -> None:
         ref = self._refs.get(VERIFIER)

@@ -587,7 +587,8 @@ def format_verify(result: Any, now: float) -> str:
     n = result["scheduled"]
     if n == 0:
         return "nothing to check: no uploaded or verified transfer is due (stashctl verify --all re-checks them all)"
-    text = f"{n} transfer(s) to be checked now"
+    text = (f"{n} transfer(s) made due: being checked now" if result.get("all") else
+            f"{n} transfer(s) due: the verifier checks them on its next pass")
     rows = []
     for t in result.get("transfers") or []:
         if isinstance(t, dict):

@@ -41,6 +41,22 @@ def uploaded(monkeypatch):
 
 
 @pytest.fixture
+def passed(monkeypatch):
+    """Transfer ids, put the moment storage records a passing check (no polling)."""
+    done: queue.Queue = queue.Queue()
+    original = TransferStore.record_passes
+
+    def record(self, passes, **kw):
+        written = original(self, list(passes), **kw)
+        for tid in written:
+            done.put(tid)
+        return written
+
+    monkeypatch.setattr(TransferStore, "record_passes", record)
+    return done
+
+
+@pytest.fixture
 def env(tmp_path, monkeypatch, db_url):
     monkeypatch.delenv("STASHD_SOCKET", raising=False)
     world = SimWorld(tmp_path / "sim")
@@ -128,16 +144,19 @@ def test_verify_one_transfer_shows_the_check_a_miss_and_the_reupload(env, upload
     assert [m["document"]["file_name"] for m in live_documents(world, channel).values()] == ["a.bin"]
 
 
-def test_verify_without_id_and_all(env, uploaded, capsys):
+def test_verify_without_id_and_all(env, uploaded, passed, capsys):
     daemon, world, channel, root, sock = env
+    ids = set()
     for name in ("x.bin", "y.bin"):
         (root / name).write_bytes(os.urandom(1000) + name.encode())
-        upload(sock, uploaded, root / name)
+        ids.add(upload(sock, uploaded, root / name))
     rc, out, _ = stashctl(capsys, sock, "verify")            # nothing is due for an hour
     assert rc == 0 and out.startswith("nothing to check")
     rc, out, _ = stashctl(capsys, sock, "verify", "--all", "--json")
     result = json.loads(out)
-    assert rc == 0 and result["scheduled"] == 2 and len(result["transfers"]) == 2
+    assert rc == 0 and result["scheduled"] == 2 and len(result["transfers"]) == 2 and result["all"]
+    assert {passed.get(timeout=10), passed.get(timeout=10)} == ids   # checked at once, not in 5 s
+    assert {admin_call(sock, "transfer", {"id": t})["state"] for t in ids} == {"verified"}
     assert ctl.main(["--socket", sock, "verify", "x", "--all"]) == 2
     capsys.readouterr()
 
