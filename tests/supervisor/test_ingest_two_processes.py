@@ -1,7 +1,10 @@
 """Two `stashd run` processes on different session sets, one PostgreSQL, one standalone
 simulated Telegram, both reading the shared Source A: each archive is uploaded exactly
-once."""
+once; when one is SIGKILLed mid-run, the other does the rest but what the dead one held,
+and the dead one's restart finishes that."""
 from __future__ import annotations
+
+import signal
 
 import pytest
 
@@ -46,6 +49,32 @@ def test_two_processes_upload_each_shared_archive_once(tmp_path, pg_url):
             finally:
                 store.close()
             assert {"alice:sim_source_a", "bob:sim_source_a"} <= scanned, scanned
+            assert stop(one) == 0 and stop(two) == 0
+        finally:
+            finish_all([one, two])
+        h.assert_exactly_once(server, wanted)
+
+
+def test_a_killed_process_leaves_work_the_other_and_its_restart_finish(tmp_path, pg_url):
+    with h.seeded_sim(tmp_path) as sim:
+        server, _ = sim
+        wanted = h.expected()
+        # the first process dies right after its second set claim: that set is leased to a
+        # dead process; whatever it had not claimed yet is left to the second one
+        one, sock1 = start(tmp_path, sim, "one", FIRST, ["alice"], pg_url,
+                           STASHD_FAULT="ingest_after_claim@2")
+        two, sock2 = start(tmp_path, sim, "two", SECOND, ["bob", "carol"], pg_url)
+        try:
+            assert one.wait(60) == -signal.SIGKILL
+            one.communicate()
+            wait_for(lambda: all_ready(sock2), what="the survivor ready")
+            # everything but what the dead process held (its first set, queued for its own
+            # uploaders, and the one it had just claimed) is done by the survivor ...
+            h.wait_until(lambda: len(h.destination_ledger(server)) >= len(wanted) - 2, 60,
+                         "the survivor's share", proc=two)
+            # ... and the restarted process frees its earlier life's lease and finishes
+            one = stashd("run", "--config", str(tmp_path / "one" / "stashd.toml"), env=env())
+            h.wait_until(lambda: h.all_in_destination(server, wanted), 60, "every archive", proc=one)
             assert stop(one) == 0 and stop(two) == 0
         finally:
             finish_all([one, two])
