@@ -841,13 +841,14 @@ class Daemon:
         return {"scheduled": scheduled, "all": bool(args.get("all")), "requested_at": now,
                 "transfers": shown}
 
-    def _tell_verifier(self) -> None:
+    def _tell_verifier(self, transfer_id: str | None = None) -> None:
+        """Wake the verifier: check ``transfer_id`` at once, or a Tick (its next idle pass)."""
         ref = self._refs.get(VERIFIER)
         if ref is None:
             return
         try:
             from actors import verifier_messages
-            ref.tell(verifier_messages.Tick())
+            ref.tell(verifier_messages.VerifyNow(transfer_id) if transfer_id else verifier_messages.Tick())
         except (ImportError, AttributeError, pykka.ActorDeadError) as exc:
             log.warning("could not wake the verifier: {}", exc)
 
@@ -868,7 +869,7 @@ class Daemon:
         log.info("transfer {} retried by the operator: failed -> {} (it had failed: {})",
                  t.id, record.state, t.reason)
         self.tick()
-        self._tell_verifier()
+        self._tell_verifier(record.id if record.state in VERIFY_STATES else None)
         return {"transfer": self.transfer_view(record, with_parts=True), "previous_reason": t.reason}
 
     def _cmd_budget(self, args: dict) -> dict:
