@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import secrets
-import shutil
 import sqlite3
 from pathlib import Path
 
