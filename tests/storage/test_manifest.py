@@ -281,3 +281,18 @@ def test_decoded_manifest_is_not_another_exception_on_bad_uuid(tmp_path):
     bad = dataclasses.replace(m, transfer_id="not-a-uuid")
     with pytest.raises(ManifestShapeError, match="not a UUID"):
         unpack_manifest(pack_manifest(bad))
+
+
+@pytest.mark.parametrize("size,limit", [(18 * MiB + 3, 2**31), (20 * MiB + 77, 11 * 512 * KiB)])
+def test_one_pass_hashing_matches_plain_hashes_across_batches(tmp_path, size, limit):
+    """The threaded single read (4 MiB batches, buffers reused) gives the same
+    file, part and per-MiB block hashes as hashing each piece on its own."""
+    data = random.Random(size).randbytes(size)
+    m = build_manifest(_file(tmp_path, data), "d", limit_bytes=limit)
+    assert m.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(m.parts) == (1 if limit > size else 4)
+    for p in m.parts:
+        chunk = data[p.offset:p.end]
+        assert p.sha256 == hashlib.sha256(chunk).hexdigest()
+        assert list(p.chunk_hashes) == [hashlib.sha256(chunk[i:i + HASH_BLOCK_SIZE]).digest()
+                                        for i in range(0, len(chunk), HASH_BLOCK_SIZE)]
