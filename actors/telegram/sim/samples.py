@@ -101,8 +101,11 @@ class ArchiveSet:
     expect: ``ingest`` (uploaded once; ``reason`` says ``encrypted`` or
     ``corrupt`` when it is delivered without a listing) or ``skip`` with
     ``reason`` ``incomplete_set`` / ``duplicate`` (the skip reasons of
-    storage/ingest.py) (another post of the same set
-    is the one ingested: by document id for forwards, by sha256 for re-uploads).
+    storage/ingest.py). A duplicate is another post of a set that is ingested
+    once: the same document id for a forward, the same sha256 for a re-upload.
+    Which of the posts is the one ingested depends on which account gets there
+    first (an account reading Source B may ingest the forward and skip the
+    original): count by ``sha256``, not by channel.
     """
 
     name: str
