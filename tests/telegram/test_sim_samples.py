@@ -238,3 +238,29 @@ def test_every_multi_part_sample_ends_with_a_smaller_volume():
         if len(x.parts) > 1 and x.scheme in ("zip.001", "7z.001", "partN.rar"):
             sizes = [p.size for p in x.parts]
             assert len(set(sizes[:-1])) == 1 and sizes[-1] < sizes[0], x.name
+
+
+def test_ingest_readers_see_each_sample_as_expected(tmp_path):
+    """The samples against the ingest code that reads them (actors/ingest): one set key
+    per set, complete unless it is the incomplete one, and the index state each expects."""
+    from actors.ingest.archives import SetPart, detect_archive, set_key, set_status
+    from actors.ingest.index import index_archive
+
+    for x in samples.expected_sets():
+        names = [detect_archive(p.file_name, p.data[:16]) for p in x.parts]
+        assert all(names), x.name
+        assert len({set_key(1, None, n) for n in names}) == 1, x.name
+        status = set_status([SetPart(n, p.size, ref=p) for n, p in zip(names, x.parts)])
+        assert status.complete == (x.reason != "incomplete_set"), x.name
+        if not status.complete:
+            continue
+        folder = tmp_path / x.channel / x.name
+        folder.mkdir(parents=True)
+        ordered = [part.ref for part in status.ordered]
+        assert [p.file_name for p in ordered] == list(x.file_names), x.name  # posted in content order
+        for p in ordered:
+            (folder / p.file_name).write_bytes(p.data)
+        result = index_archive([folder / p.file_name for p in ordered], names=[p.file_name for p in ordered])
+        index_state = x.reason if x.reason in ("encrypted", "corrupt") else "ok"
+        assert result.state == index_state, (x.name, result.state, result.reason)
+        assert (result.preview_name is not None) == x.has_preview, x.name
