@@ -43,7 +43,6 @@ import asyncio
 import hashlib
 import os
 import struct
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ import pykka
 from loguru import logger
 
 from actors.account_messages import DocumentInfo, DownloadRange
+from actors.asking import ask_async
 from actors.faults import fault_point
 from actors.telegram.errors import CoolingDownError, FloodWaitError, RpcError
 
@@ -172,51 +172,8 @@ class ChunkJournal:
 
 # ------------------------------------------------------------------ asking an actor from a loop
 
-
-class _LoopFuture(pykka.ThreadingFuture):
-    """A pykka future that also resolves an asyncio future on ``loop`` (no thread waits)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, target: asyncio.Future):
-        super().__init__()
-        self._loop, self._target = loop, target
-
-    def set(self, value: Any = None) -> None:
-        super().set(value)
-        self._hand_over(lambda: self._target.set_result(value))
-
-    def set_exception(self, exc_info: Any = None) -> None:
-        exc_info = exc_info or sys.exc_info()
-        super().set_exception(exc_info)
-        exc = exc_info[1] if exc_info[1] is not None else exc_info[0]()
-        self._hand_over(lambda: self._target.set_exception(exc))
-
-    def _hand_over(self, action: Callable[[], None]) -> None:
-        def run() -> None:
-            if not self._target.done():
-                action()
-        try:
-            self._loop.call_soon_threadsafe(run)
-        except RuntimeError:  # the asking loop is gone: nobody waits any more
-            pass
-
-
-async def ask_on_loop(ref: Any, message: Any, timeout: float) -> Any:
-    """Ask a pykka actor from a coroutine without parking a thread on the reply.
-
-    (``actors.uploader.ask_async`` waits in the default executor, whose size
-    bounds how many asks can be in flight.)
-    """
-    from pykka._envelope import Envelope  # noqa: PLC0415 - pykka's own message wrapper
-
-    loop = asyncio.get_running_loop()
-    target = loop.create_future()
-    if not ref.is_alive():
-        raise pykka.ActorDeadError(f"{ref} not found")
-    ref.actor_inbox.put(Envelope(message, reply_to=_LoopFuture(loop, target)))
-    try:
-        return await asyncio.wait_for(target, timeout)
-    except asyncio.TimeoutError:
-        raise pykka.Timeout(f"{timeout} seconds") from None
+#: Kept importable under its old name: the one helper is actors.asking.ask_async.
+ask_on_loop = ask_async
 
 
 # ------------------------------------------------------------------ ports
@@ -233,7 +190,7 @@ class AccountRangePort:
         self.ref, self.timeout = account_ref, timeout
 
     async def read(self, document: DocumentInfo, offset: int, limit: int) -> bytes:
-        return await ask_on_loop(self.ref, DownloadRange(document, offset, limit), self.timeout)
+        return await ask_async(self.ref, DownloadRange(document, offset, limit), self.timeout)
 
 
 class BudgetPort(Protocol):

@@ -58,10 +58,11 @@ from typing import Any, Callable
 from loguru import logger
 
 from actors.account_messages import DocumentInfo, GetMessages, MessagesResult
+from actors.asking import ask_async
 from actors.faults import fault_point
 from actors.ingest.archives import SetPart, parse_archive_name, set_key, set_status
 from actors.ingest.download import (
-    AccountRangePort, DownloadError, ask_on_loop, download_document, journal_path,
+    AccountRangePort, DownloadError, download_document, journal_path,
 )
 from actors.ingest.scan import AccountScanPort, Page, Target
 from actors.transfers import CLAIM_LEASE_SECONDS, claim_owner
@@ -101,7 +102,7 @@ class IngestAccountPort(AccountScanPort, AccountRangePort):
         AccountScanPort.__init__(self, account_ref, timeout=timeout)
 
     async def messages(self, channel: Any, ids: tuple[int, ...]) -> MessagesResult:
-        return await ask_on_loop(self.ref, GetMessages(channel, tuple(ids)), self.timeout)
+        return await ask_async(self.ref, GetMessages(channel, tuple(ids)), self.timeout)
 
 
 # ------------------------------------------------------------------ recording

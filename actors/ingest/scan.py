@@ -36,7 +36,7 @@ from actors.account_messages import (
     SearchMessages, TopicsResult,
 )
 from actors.account_core import bare_channel_id
-from actors.ingest.download import ask_on_loop
+from actors.asking import ask_async
 from actors.telegram.errors import RpcError
 
 __all__ = [
@@ -108,18 +108,18 @@ class AccountScanPort:
         self.ref, self.timeout = account_ref, timeout
 
     async def dialogs(self) -> DialogsResult:
-        return await ask_on_loop(self.ref, GetDialogs(), self.timeout)
+        return await ask_async(self.ref, GetDialogs(), self.timeout)
 
     async def history(self, channel, topic_id, since_id, limit) -> HistoryResult:
-        return await ask_on_loop(self.ref, GetHistory(channel, topic_id, since_id, limit), self.timeout)
+        return await ask_async(self.ref, GetHistory(channel, topic_id, since_id, limit), self.timeout)
 
     async def search(self, channel, topic_id, max_id, limit) -> HistoryResult:
         msg = SearchMessages(channel, "", topic_id=topic_id, documents_only=True, max_id=max_id,
                              limit=limit)
-        return await ask_on_loop(self.ref, msg, self.timeout)
+        return await ask_async(self.ref, msg, self.timeout)
 
     async def topics(self, channel) -> TopicsResult:
-        return await ask_on_loop(self.ref, ListTopics(channel), self.timeout)
+        return await ask_async(self.ref, ListTopics(channel), self.timeout)
 
 
 # ------------------------------------------------------------------ reading
