@@ -105,6 +105,21 @@ def tl_document(ctx: Ctx, doc) -> types.Document:
     )
 
 
+def tl_photo(ctx: Ctx, photo_id: int) -> types.Photo:
+    """A Photo with one PhotoSize per stored rendition, smallest first (as Telegram sends them)."""
+    row = ctx.state.photo(photo_id)
+    sizes = [types.PhotoSize(type=s["type"], w=s["w"], h=s["h"], size=s["size"])
+             for s in ctx.state.photo_sizes(photo_id)]
+    return types.Photo(
+        id=photo_id,
+        access_hash=ctx.state.hash_for(0, "photo", photo_id),
+        file_reference=b"sim",
+        date=tl_date(row["date"]),
+        sizes=sizes,
+        dc_id=ctx.world.dc_id,
+    )
+
+
 def tl_message(ctx: Ctx, channel_id: int, row):
     """A message row (or None) -> Message / MessageService / MessageEmpty."""
     peer = types.PeerChannel(channel_id)
@@ -142,7 +157,9 @@ def tl_message(ctx: Ctx, channel_id: int, row):
     if row["document_id"]:
         doc = ctx.state.document(row["document_id"])
         media = types.MessageMediaDocument(document=tl_document(ctx, doc))
-    return types.Message(message=row["text"] or "", media=media, **common)
+    elif row["photo_id"]:
+        media = types.MessageMediaPhoto(photo=tl_photo(ctx, row["photo_id"]))
+    return types.Message(message=row["text"] or "", media=media, grouped_id=row["grouped_id"], **common)
 
 
 # -- resolving input peers ------------------------------------------------------------

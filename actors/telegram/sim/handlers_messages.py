@@ -140,6 +140,8 @@ def search(ctx: Ctx, req):
     where, args = "", ()
     if isinstance(req.filter, types.InputMessagesFilterDocument):
         where = "AND document_id IS NOT NULL"
+    elif isinstance(req.filter, (types.InputMessagesFilterPhotos, types.InputMessagesFilterPhotoVideo)):
+        where = "AND photo_id IS NOT NULL"
     elif not isinstance(req.filter, types.InputMessagesFilterEmpty):
         raise bad_request("FILTER_NOT_SUPPORTED")
     if req.q:

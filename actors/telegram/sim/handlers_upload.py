@@ -137,14 +137,28 @@ def document_from_media(ctx: Ctx, media) -> int:
     return doc_id
 
 
+def _located_file(ctx: Ctx, loc) -> tuple[object, int, float]:
+    """(path, size, mtime) of what an input file location names."""
+    if isinstance(loc, types.InputDocumentFileLocation):
+        row = ctx.state.document(loc.id)
+        if row is None or loc.access_hash != ctx.state.hash_for(0, "document", loc.id):
+            raise bad_request("FILE_ID_INVALID")
+        return ctx.state.doc_path(row["id"]), row["size"], row["date"]
+    if isinstance(loc, types.InputPhotoFileLocation):  # one file per size type, as on Telegram
+        row = ctx.state.photo(loc.id)
+        if row is None or loc.access_hash != ctx.state.hash_for(0, "photo", loc.id):
+            raise bad_request("FILE_ID_INVALID")
+        size = ctx.state.one("SELECT size FROM photo_sizes WHERE photo_id=? AND type=?",
+                             loc.id, loc.thumb_size)
+        if size is None:
+            raise bad_request("LOCATION_INVALID")
+        return ctx.state.photo_path(loc.id, loc.thumb_size), size[0], row["date"]
+    raise bad_request("LOCATION_INVALID")
+
+
 def get_file(ctx: Ctx, req):
     ctx.me()
-    loc = req.location
-    if not isinstance(loc, types.InputDocumentFileLocation):
-        raise bad_request("LOCATION_INVALID")
-    row = ctx.state.document(loc.id)
-    if row is None or loc.access_hash != ctx.state.hash_for(0, "document", loc.id):
-        raise bad_request("FILE_ID_INVALID")
+    path, file_size, mtime = _located_file(ctx, req.location)
     offset, limit = req.offset, req.limit
     unit = 1024 if req.precise else 4096
     if offset < 0 or offset % unit:
@@ -154,11 +168,11 @@ def get_file(ctx: Ctx, req):
     if offset // FILE_CHUNK != (offset + limit - 1) // FILE_CHUNK:
         raise bad_request("LIMIT_INVALID")
     data = b""
-    if offset < row["size"]:
-        with open(ctx.state.doc_path(row["id"]), "rb") as f:
+    if offset < file_size:
+        with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(limit)
-    return types.upload.File(type=types.storage.FilePartial(), mtime=int(row["date"]), bytes=data)
+    return types.upload.File(type=types.storage.FilePartial(), mtime=int(mtime), bytes=data)
 
 
 HANDLERS = {

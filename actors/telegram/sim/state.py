@@ -46,11 +46,24 @@ CREATE TABLE IF NOT EXISTS parts(
     size INTEGER NOT NULL, created REAL NOT NULL,
     PRIMARY KEY(owner_id, file_id, part));
 CREATE TABLE IF NOT EXISTS faults(id INTEGER PRIMARY KEY AUTOINCREMENT, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS photos(
+    id INTEGER PRIMARY KEY, date REAL NOT NULL, label TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS photo_sizes(
+    photo_id INTEGER, type TEXT NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
+    size INTEGER NOT NULL, PRIMARY KEY(photo_id, type));
 """
+
+# Columns added after the first worlds were written: (table, column, declaration).
+# A world directory written before them gets them on open (ALTER TABLE ... ADD COLUMN).
+LATER_COLUMNS = (
+    ("messages", "photo_id", "INTEGER"),
+    ("messages", "grouped_id", "INTEGER"),
+)
 
 USER_ID_BASE = 700000000
 CHANNEL_ID_BASE = 1900000000
 DOCUMENT_ID_BASE = 5200000000000000000
+PHOTO_ID_BASE = 5300000000000000000
 
 
 def signed64(value: int) -> int:
@@ -65,8 +78,10 @@ class SimState:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.docs_dir = self.dir / "docs"
         self.parts_dir = self.dir / "parts"
+        self.photos_dir = self.dir / "photos"
         self.docs_dir.mkdir(exist_ok=True)
         self.parts_dir.mkdir(exist_ok=True)
+        self.photos_dir.mkdir(exist_ok=True)
         self.db = sqlite3.connect(
             self.dir / "world.sqlite3", check_same_thread=False, isolation_level=None
         )
@@ -76,6 +91,7 @@ class SimState:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._add_later_columns()
         secret = self.get_meta("secret")
         if secret is None:
             secret = secrets.token_hex(32)
@@ -84,6 +100,12 @@ class SimState:
 
     def close(self) -> None:
         self.db.close()
+
+    def _add_later_columns(self) -> None:
+        for table, column, decl in LATER_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     # -- small helpers -----------------------------------------------------
     def one(self, sql: str, *args):
@@ -168,13 +190,15 @@ class SimState:
         return self.one("SELECT last_msg_id FROM channels WHERE id=?", channel_id)[0]
 
     def insert_message(self, channel_id: int, *, date: float, sender_id=None, text="",
-                       topic_id=None, reply_to_id=None, document_id=None, action=None) -> int:
+                       topic_id=None, reply_to_id=None, document_id=None, action=None,
+                       photo_id=None, grouped_id=None) -> int:
         msg_id = self.new_message_id(channel_id)
         self.run(
             "INSERT INTO messages(channel_id, id, date, sender_id, text, topic_id, reply_to_id,"
-            " document_id, action) VALUES(?,?,?,?,?,?,?,?,?)",
+            " document_id, action, photo_id, grouped_id) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
             channel_id, msg_id, date, sender_id, text, topic_id, reply_to_id, document_id,
-            json.dumps(action) if action else None,
+            json.dumps(action) if action else None, photo_id,
+            None if grouped_id is None else signed64(grouped_id),
         )
         self.bump_pts(channel_id)
         return msg_id
@@ -194,6 +218,17 @@ class SimState:
 
     def doc_path(self, doc_id: int) -> Path:
         return self.docs_dir / str(doc_id)
+
+    # -- photos: one file per (photo, size type), as Telegram keeps each size ------------
+    def photo(self, photo_id: int):
+        return self.one("SELECT * FROM photos WHERE id=?", photo_id)
+
+    def photo_sizes(self, photo_id: int) -> list:
+        """The photo's sizes, smallest first (Telegram's order)."""
+        return self.all("SELECT * FROM photo_sizes WHERE photo_id=? ORDER BY size, type", photo_id)
+
+    def photo_path(self, photo_id: int, size_type: str) -> Path:
+        return self.photos_dir / f"{photo_id}_{size_type}"
 
     # Uploaded parts of one (owner, file_id) live in ONE sparse file, part i at
     # i * PART_SLOT (the largest part Telegram takes), plus a row per part in

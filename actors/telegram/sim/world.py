@@ -23,7 +23,7 @@ from telethon.crypto import AuthKey
 from .errors import SimRpcError
 from .handlers import decode, encode, handle, unwrap
 from .handlers_build import Ctx
-from .state import CHANNEL_ID_BASE, DOCUMENT_ID_BASE, USER_ID_BASE, SimState
+from .state import CHANNEL_ID_BASE, DOCUMENT_ID_BASE, PHOTO_ID_BASE, USER_ID_BASE, SimState
 from .state_faults import Fault, FaultSet
 
 __all__ = ["SimWorld", "SimUser", "Fault", "SimRpcError", "write_session_file", "auth_key_id"]
@@ -43,6 +43,35 @@ class SimUser:
 def auth_key_id(auth_key: bytes) -> int:
     """The 64-bit id Telegram derives from an auth key (as Telethon computes it)."""
     return AuthKey(auth_key).key_id
+
+
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, GIF or JPEG from its header; (0, 0) when unknown."""
+    import struct
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 9 <= len(data):
+            if data[pos] != 0xFF:
+                break
+            marker, length = data[pos + 1], struct.unpack(">H", data[pos + 2:pos + 4])[0]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+                return w, h
+            pos += 2 + length
+    return 0, 0
+
+
+def photo_size_type(width: int, height: int) -> str:
+    """Telegram's name for a rendition that fits a box: s 100, m 320, x 800, y 1280, w 2560."""
+    side = max(width, height)
+    for kind, box in (("s", 100), ("m", 320), ("x", 800), ("y", 1280)):
+        if side <= box:
+            return kind
+    return "w"
 
 
 def _redact(phone: str | None) -> str | None:
@@ -245,7 +274,7 @@ class SimWorld:
 
     def post_document(self, channel_id: int, sender_id: int | None, file_name: str,
                       data: bytes | Path, *, caption: str = "", topic_id: int | None = None,
-                      mime_type: str | None = None) -> int:
+                      mime_type: str | None = None, grouped_id: int | None = None) -> int:
         import mimetypes
         with self._lock, self._state.transaction():
             self._check_post(channel_id, topic_id)
@@ -263,7 +292,49 @@ class SimWorld:
             self._state.run("INSERT INTO documents(id, size, mime_type, file_name, date) VALUES(?,?,?,?,?)",
                             doc_id, size, mime, file_name, now)
             return self._state.insert_message(channel_id, date=now, sender_id=sender_id, text=caption,
-                                              topic_id=topic_id, document_id=doc_id)
+                                              topic_id=topic_id, document_id=doc_id, grouped_id=grouped_id)
+
+    def post_photo(self, channel_id: int, sender_id: int | None, data: bytes, *, caption: str = "",
+                   topic_id: int | None = None, grouped_id: int | None = None, label: str = "",
+                   thumbs: dict[str, bytes] | None = None) -> int:
+        """A photo message (MessageMediaPhoto). ``data`` is the largest rendition, its size
+        type named by its dimensions (``photo_size_type``); ``thumbs`` adds smaller ones
+        (type -> bytes). Each size is a file of its own, fetched with upload.getFile
+        through InputPhotoFileLocation(thumb_size=type), as on Telegram. ``grouped_id``
+        puts the message in an album with the others carrying it. ``label`` names the
+        photo for ``inspect()`` only (photos have no file name on Telegram)."""
+        data = bytes(data)
+        if not data:
+            raise ValueError("a photo needs bytes")
+        width, height = image_dimensions(data)
+        renditions = {photo_size_type(width, height): (width, height, data)}
+        for kind, thumb in (thumbs or {}).items():
+            tw, th = image_dimensions(thumb)
+            renditions.setdefault(kind, (tw, th, bytes(thumb)))
+        with self._lock, self._state.transaction():
+            self._check_post(channel_id, topic_id)
+            photo_id = self._state.next_id("photos", PHOTO_ID_BASE)
+            now = self.clock()
+            self._state.run("INSERT INTO photos(id, date, label) VALUES(?,?,?)", photo_id, now, label)
+            for kind, (w, h, blob) in renditions.items():
+                path = self._state.photo_path(photo_id, kind)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(blob)
+                os.replace(tmp, path)
+                self._state.run("INSERT INTO photo_sizes(photo_id, type, w, h, size) VALUES(?,?,?,?,?)",
+                                photo_id, kind, w, h, len(blob))
+            return self._state.insert_message(channel_id, date=now, sender_id=sender_id, text=caption,
+                                              topic_id=topic_id, photo_id=photo_id, grouped_id=grouped_id)
+
+    def photo_bytes(self, channel_id: int, msg_id: int, size_type: str | None = None) -> bytes | None:
+        """The bytes of a photo message's rendition (the largest when size_type is None)."""
+        with self._lock:
+            row = self._state.message(channel_id, msg_id)
+            if row is None or not row["photo_id"]:
+                return None
+            sizes = self._state.photo_sizes(row["photo_id"])
+            chosen = sizes[-1]["type"] if size_type is None else size_type
+            return self._state.photo_path(row["photo_id"], chosen).read_bytes()
 
     def post_text(self, channel_id: int, sender_id: int | None, text: str, *,
                   topic_id: int | None = None) -> int:
@@ -316,10 +387,16 @@ class SimWorld:
                 if r["document_id"]:
                     doc = {"id": r["document_id"], "size": r["size"], "file_name": r["file_name"],
                            "mime_type": r["mime_type"]}
+                photo = None
+                if r["photo_id"]:
+                    prow = st.photo(r["photo_id"])
+                    photo = {"id": r["photo_id"], "label": prow["label"] if prow else "",
+                             "sizes": {s["type"]: s["size"] for s in st.photo_sizes(r["photo_id"])}}
                 messages.append({
                     "channel_id": r["channel_id"], "id": r["id"], "date": r["date"],
                     "sender_id": r["sender_id"], "text": r["text"], "topic_id": r["topic_id"],
-                    "document": doc, "deleted": bool(r["deleted"]),
+                    "document": doc, "photo": photo, "grouped_id": r["grouped_id"],
+                    "deleted": bool(r["deleted"]),
                     "service": json.loads(r["action"])["kind"] if r["action"] else None,
                 })
             return {"users": users, "channels": channels, "topics": topics, "messages": messages,
