@@ -49,6 +49,7 @@ from actors.account_messages import (
     DeleteMessages,
     DialogsResult,
     DocumentSentResult,
+    DownloadPhoto,
     DownloadRange,
     FloodWaitHit,
     GetAccountInfo,
@@ -75,6 +76,7 @@ from actors.telegram.errors import (
     ChannelNotFoundError,
     FilePartMissingError,
     FloodWaitError,
+    InvalidRangeError,
     RpcError,
     TelegramError,
 )
@@ -132,6 +134,7 @@ class AccountActor(SupervisedMixin, LoopActor):
             GetHistory: self._history,
             ListTopics: self._topics,
             DownloadRange: self._download,
+            DownloadPhoto: self._download_photo,
             UploadPart: self._upload_part,
             SendDocument: self._send_document,
             GetMessages: self._get_messages,
@@ -429,6 +432,42 @@ class AccountActor(SupervisedMixin, LoopActor):
         if not isinstance(result, types.upload.File):
             raise RpcError("GetFileRequest", None, f"unsupported reply {type(result).__name__}")
         return bytes(result.bytes)
+
+    async def _download_photo(self, msg: DownloadPhoto) -> bytes:
+        """One rendition of a photo, whole (InputPhotoFileLocation, 1 MiB requests)."""
+        self._ensure_working()
+        photo = msg.photo
+        size_type = msg.size_type or photo.size_type
+        size = dict(photo.sizes).get(size_type, photo.size if size_type == photo.size_type else None)
+        if size is not None and size > msg.max_bytes:
+            raise InvalidRangeError(f"photo size {size_type} is {size} bytes > {msg.max_bytes}")
+        location = types.InputPhotoFileLocation(
+            id=photo.id, access_hash=photo.access_hash, file_reference=photo.file_reference,
+            thumb_size=size_type)
+        chunk, out = 1024 * 1024, bytearray()
+        home = getattr(self._client.session, "dc_id", None)
+        while True:
+            request = functions.upload.GetFileRequest(location=location, offset=len(out), limit=chunk)
+            if not photo.dc_id or home is None or photo.dc_id == home:
+                result = await self._raw(request)
+            else:  # the photo lives in another DC: Telethon's exported sender for it
+                client = self._client
+
+                async def call_other_dc(request=request) -> Any:
+                    sender = await client._borrow_exported_sender(photo.dc_id)
+                    try:
+                        return await client._call(sender, request)
+                    finally:
+                        await client._return_exported_sender(sender)
+
+                result = await self._request("GetFileRequest", call_other_dc)
+            if not isinstance(result, types.upload.File):
+                raise RpcError("GetFileRequest", None, f"unsupported reply {type(result).__name__}")
+            out += result.bytes
+            if len(result.bytes) < chunk or (size is not None and len(out) >= size):
+                return bytes(out)
+            if len(out) > msg.max_bytes:
+                raise InvalidRangeError(f"photo size {size_type} is over {msg.max_bytes} bytes")
 
     async def _upload_part(self, msg: UploadPart) -> PartUploadedResult:
         self._ensure_working()

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 from telethon.errors import rpcerrorlist
 from telethon.tl import types
 
-from actors.account_messages import DocumentInfo, MessageInfo
+from actors.account_messages import DocumentInfo, MessageInfo, PhotoInfo
 from actors.telegram.errors import CoolingDownError, InvalidRangeError
 
 KIB = 1024
@@ -173,6 +173,31 @@ def document_info(doc: Any) -> DocumentInfo | None:
     )
 
 
+def photo_info(photo: Any) -> PhotoInfo | None:
+    """A Photo -> PhotoInfo over its downloadable sizes (PhotoSize, PhotoSizeProgressive);
+    None when it has none (PhotoEmpty, only inline stripped/cached sizes)."""
+    if not isinstance(photo, types.Photo):
+        return None
+    sizes = []
+    for s in photo.sizes or ():
+        if isinstance(s, types.PhotoSize):
+            sizes.append((s.type, int(s.size)))
+        elif isinstance(s, types.PhotoSizeProgressive) and s.sizes:
+            sizes.append((s.type, int(max(s.sizes))))
+    if not sizes:
+        return None
+    sizes.sort(key=lambda t: t[1])
+    return PhotoInfo(
+        id=photo.id,
+        access_hash=photo.access_hash,
+        file_reference=bytes(photo.file_reference or b""),
+        dc_id=photo.dc_id,
+        size_type=sizes[-1][0],
+        size=sizes[-1][1],
+        sizes=tuple(sizes),
+    )
+
+
 def message_topic_id(msg: Any) -> int | None:
     reply = getattr(msg, "reply_to", None)
     if not isinstance(reply, types.MessageReplyHeader) or not reply.forum_topic:
@@ -185,12 +210,15 @@ def message_info(msg: Any, topic_id: int | None = None) -> MessageInfo | None:
         return None
     media = getattr(msg, "media", None)
     doc = document_info(media.document) if isinstance(media, types.MessageMediaDocument) else None
+    photo = photo_info(media.photo) if isinstance(media, types.MessageMediaPhoto) else None
     return MessageInfo(
         id=msg.id,
         date=_epoch(msg.date),
         text=getattr(msg, "message", "") or "",
         document=doc,
         topic_id=topic_id if topic_id is not None else message_topic_id(msg),
+        photo=photo,
+        grouped_id=getattr(msg, "grouped_id", None),
     )
 
 

@@ -23,12 +23,32 @@ class DocumentInfo:
 
 
 @dataclass(frozen=True)
+class PhotoInfo:
+    """A message's photo: what upload.getFile needs for its largest rendition.
+
+    ``size_type``/``size`` name the largest downloadable size (PhotoSize type
+    such as "x" or "y", and its bytes); ``sizes`` lists every downloadable
+    (type, bytes), smallest first, to pick one under a cap.
+    """
+
+    id: int
+    access_hash: int
+    file_reference: bytes = field(repr=False)
+    dc_id: int
+    size_type: str
+    size: int
+    sizes: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class MessageInfo:
     id: int
     date: float  # epoch seconds
     text: str
     document: DocumentInfo | None
     topic_id: int | None = None
+    photo: PhotoInfo | None = None     # MessageMediaPhoto
+    grouped_id: int | None = None      # album: the messages sharing it were sent together
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,17 @@ class DownloadRange:
     document: DocumentInfo
     offset: int
     limit: int
+
+
+@dataclass(frozen=True)
+class DownloadPhoto:
+    """Replied with the bytes of one rendition of a photo (``size_type`` None: the
+    largest), whole: photos are small, fetched in 1 MiB getFile requests up to
+    ``max_bytes`` (a larger rendition raises InvalidRangeError before any request)."""
+
+    photo: PhotoInfo
+    size_type: str | None = None
+    max_bytes: int = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
