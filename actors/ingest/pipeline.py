@@ -65,6 +65,7 @@ from actors.ingest.download import (
     AccountRangePort, DownloadError, download_document, journal_path,
 )
 from actors.ingest.scan import AccountScanPort, Page, Target
+from actors.ingest.preview import choose_preview, discard_staged_photo, stage_source_photo
 from actors.transfers import CLAIM_LEASE_SECONDS, claim_owner
 
 __all__ = ["IngestAccountPort", "SetRecorder", "SetWorker", "Phase2", "SetOutcome", "RecordOutcome",
@@ -331,6 +332,8 @@ class SetWorker:
         else:
             # 4. manifest first, then the transfer row
             await self._create_transfer(tid, paths, sha, rec, mapping)
+        if tid == transfer_id_for(key, sha):  # our staged files: a Telegram photo for phase 2
+            await stage_source_photo(port, channel, fresh.messages, folder)
         first_msg = ordered[0]
         store.register_package_meta(
             sha, tid, archive_format=rec.archive_format,
@@ -509,10 +512,12 @@ class Phase2:
                 continue  # not on this node (yet): the lease expires, another may do it
             result = await asyncio.to_thread(index_archive, paths, fmt=meta.archive_format)
             fault_point("ingest_before_index")
+            preview, preview_name = choose_preview(result, paths)  # the archive's own image first
             store.record_package_index(
                 meta.sha256, state=result.state, reason=result.reason or None, entries=result.entries,
-                preview=result.preview, preview_name=result.preview_name,
+                preview=preview, preview_name=preview_name,
                 archive_format=result.format or meta.archive_format, lease_owner=self.owner)
+            discard_staged_photo(paths)
             out.indexed[result.state] = out.indexed.get(result.state, 0) + 1
             log.info("package {} indexed: {} ({} entries){}", meta.sha256[:12], result.state,
                      len(result.entries), f": {result.reason}" if result.reason else "")
