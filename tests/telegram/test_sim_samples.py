@@ -154,7 +154,16 @@ def test_seeded_world_has_forwards_reuploads_photo_and_holes(tmp_path):
     a = docs["sim_source_a", "shared-ebooks.zip"]["document"]["id"]
     assert docs["sim_source_b", "shared-ebooks.zip"]["document"]["id"] == a  # a forward
     assert docs["sim_forum", "shared-ebooks.zip"]["document"]["id"] != a  # a re-upload
-    assert docs["sim_source_b", "cover.png"]["document"]["mime_type"] == "image/png"
+    photos = {(next(k for k, v in channels.items() if v == m["channel_id"]), m["photo"]["label"]): m
+              for m in snapshot["messages"] if m["photo"]}
+    assert photos["sim_source_b", "cover.png"]["grouped_id"] is None  # a photo message on its own
+    with_album = [x for x in samples.expected_sets() if x.album_photo is not None]
+    assert {x.name for x in with_album} == {"holiday-photos", "wallpapers"}
+    for x in with_album:  # the photo right before the archive, both in one album
+        photo = photos[x.channel, x.album_photo.file_name]
+        archive = docs[x.channel, x.parts[0].file_name]
+        assert photo["grouped_id"] == archive["grouped_id"] == samples.album_grouped_id(x.channel, x.name)
+        assert archive["id"] == photo["id"] + 1 and photo["photo"]["sizes"]
     assert docs["sim_source_a", "README.txt"]["document"]["mime_type"] == "text/plain"
     deleted = [m for m in snapshot["messages"] if m["deleted"]]
     assert {m["channel_id"] for m in deleted} == {channels["sim_source_a"], channels["sim_source_b"],

@@ -19,7 +19,7 @@ yields byte-identical documents. All archives are real:
 
 ``channel_posts(scale)`` is what the seeder posts where (documents, texts,
 messages deleted afterwards to leave holes, forwards that share a document id,
-a photo); ``expected_sets(scale)`` says for each archive set what a correct
+photos, two of them in an archive's album); ``expected_sets(scale)`` says for each archive set what a correct
 ingest does with it (ingest, or skip and why), with the sha256 of the set (its
 parts concatenated in order), so tests can count it in the destination.
 ``bench_sets`` makes the benchmark's channel of many archives.
@@ -78,9 +78,10 @@ class Post:
     kind: ``document`` (``sample``), ``text``, ``deleted`` (a text posted then
     deleted, leaving a hole in the history), ``forward`` (the document posted
     as ``forward_of.file_name`` in channel ``forward_of.channel``, re-posted
-    with the *same* document id, as a forward is), ``photo`` (an image posted
-    with a caption; the simulated Telegram has no photo media yet, so it is an
-    ``image/png`` document).
+    with the *same* document id, as a forward is), ``photo`` (a photo message,
+    MessageMediaPhoto, with the sample's bytes and caption; its file name only
+    labels it in ``inspect()``). Posts with the same ``album`` in one channel
+    share a ``grouped_id`` (``album_grouped_id``): they were sent together.
     """
 
     kind: str
@@ -88,6 +89,7 @@ class Post:
     text: str = ""
     topic: str | None = None
     forward_of: str | None = None  # channel username the forwarded document was posted in
+    album: str | None = None
 
     @property
     def file_name(self) -> str | None:
@@ -116,7 +118,8 @@ class ArchiveSet:
     expect: str = "ingest"
     reason: str = ""
     members: tuple[str, ...] = ()
-    has_preview: bool = False
+    has_preview: bool = False          # the archive holds an image: the index's preview
+    album_photo: Sample | None = None  # a photo message posted before it in the same album
 
     @property
     def file_names(self) -> tuple[str, ...]:
@@ -132,6 +135,11 @@ class ArchiveSet:
         for part in self.parts:
             digest.update(part.data)
         return digest.hexdigest()
+
+
+def album_grouped_id(channel: str, album: str) -> int:
+    """The grouped_id of the album ``album`` in ``channel``: stable, positive, 63 bits."""
+    return int.from_bytes(hashlib.sha256(f"{channel}/{album}".encode()).digest()[:8], "big") >> 1
 
 
 # -- bytes -----------------------------------------------------------------------------------
@@ -407,8 +415,15 @@ class _Catalogue:
 
 
 def _set(name: str, scheme: str, channel: str, parts: list[Sample], *, topic: str | None = None,
-         expect: str = "ingest", reason: str = "", preview: bool = False) -> ArchiveSet:
-    return ArchiveSet(name, scheme, channel, topic, tuple(parts), expect, reason, has_preview=preview)
+         expect: str = "ingest", reason: str = "", preview: bool = False,
+         album_photo: Sample | None = None) -> ArchiveSet:
+    return ArchiveSet(name, scheme, channel, topic, tuple(parts), expect, reason, has_preview=preview,
+                      album_photo=album_photo)
+
+
+def album_photo(name: str, caption: str, width: int = 320, height: int = 200) -> Sample:
+    """The photo posted with an archive in one album (``name`` labels it)."""
+    return Sample(f"{name}-photo.png", png_image(f"album/{name}", width, height), caption, "image/png")
 
 
 @functools.lru_cache(maxsize=8)
@@ -416,7 +431,8 @@ def _catalogue(scale: float) -> _Catalogue:
     s = scale
     a_sets = [
         _set("holiday-photos", "zip", SOURCE_A,
-             single_zip("holiday-photos", 600 * KIB, s, "Holiday photos 2023", cover=True), preview=True),
+             single_zip("holiday-photos", 600 * KIB, s, "Holiday photos 2023", cover=True), preview=True,
+             album_photo=album_photo("holiday-photos", "Holiday photos: the beach")),
         _set("project-backup", "zip.001", SOURCE_A,
              split_zip("project-backup", 700 * KIB, s, "Project backup, 2 parts")),
         _set("music-collection", "z01", SOURCE_A,
@@ -444,7 +460,8 @@ def _catalogue(scale: float) -> _Catalogue:
     partial = split_zip("partial-set", 300 * KIB, s, "Partial set (part 2 never posted)", parts=3)
     b_sets = [
         _set("shared-ebooks", "zip", SOURCE_B, list(shared.parts), expect="skip", reason="duplicate"),
-        _set("wallpapers", "zip", SOURCE_B, single_zip("wallpapers", 200 * KIB, s, "Wallpapers pack")),
+        _set("wallpapers", "zip", SOURCE_B, single_zip("wallpapers", 200 * KIB, s, "Wallpapers pack"),
+             album_photo=album_photo("wallpapers", "Wallpapers: a preview", 480, 270)),
         _set("fonts", "7z", SOURCE_B, single_7z("fonts", 160 * KIB, s, "Fonts, one 7z")),
         _set("private", "zip", SOURCE_B, locked_zip("private", 64 * KIB, s, "Private (password)"),
              reason="encrypted"),
@@ -486,7 +503,10 @@ def _catalogue(scale: float) -> _Catalogue:
 
 
 def _documents(archive_set: ArchiveSet, topic: str | None = None) -> list[Post]:
-    return [Post("document", sample=part, topic=topic) for part in archive_set.parts]
+    """The set's parts, after its album photo when it has one (then all in that album)."""
+    album = archive_set.name if archive_set.album_photo is not None else None
+    posts = [Post("photo", sample=archive_set.album_photo, topic=topic, album=album)] if album else []
+    return posts + [Post("document", sample=part, topic=topic, album=album) for part in archive_set.parts]
 
 
 def channel_posts(scale: float = 1.0) -> dict[str, tuple[Post, ...]]:
@@ -544,6 +564,6 @@ def bench_sets(count: int, total_bytes: int, *, label: str = "bench") -> Iterato
 __all__ = [
     "ArchiveSet", "Post", "Sample", "PASSWORD", "RAR_HEADERS_PASSWORD", "FIXTURES",
     "bench_sets", "channel_posts", "volume_split", "expected_sets", "expected_ingested", "source_a_samples",
-    "forum_topic_titles", "pseudo_random_bytes", "split_bytes", "make_zip", "make_7z",
+    "forum_topic_titles", "pseudo_random_bytes", "split_bytes", "make_zip", "make_7z", "album_grouped_id",
     "png_image", "encrypted_zip", "spanned_zip_volumes",
 ]

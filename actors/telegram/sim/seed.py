@@ -5,11 +5,13 @@ session file (mode 0600) in the sessions directory, plus a "publisher" account
 without a session that posts into the source channels.  Channels:
 
 - "Sim Source A" (@sim_source_a): one archive of every naming scheme (zip with a
-  cover image inside, .zip.001/.002, .z01+.zip, .partN.rar, .rar+.rNN,
-  .7z.001/.002), a text document, deleted posts (holes: short pages); alice, bob.
+  cover image inside, posted in an album after a photo, .zip.001/.002, .z01+.zip,
+  .partN.rar, .rar+.rNN, .7z.001/.002), a text document, deleted posts (holes:
+  short pages); alice, bob.
 - "Sim Source B" (@sim_source_b): a forward of A's "shared-ebooks.zip" (same
-  document id), a photo, a zip, a 7z, an encrypted zip, a corrupt zip, an
-  incomplete .zip.00N set, texts and a deleted post; bob, carol.
+  document id), a photo message, a zip in an album after a photo (its preview), a
+  7z, an encrypted zip, a corrupt zip, an incomplete .zip.00N set, texts and a
+  deleted post; bob, carol.
 - "Sim Forum" (@sim_forum): forum with topics "Games" and "Software" (a
   re-upload of "shared-ebooks.zip": same bytes, new document; a RAR with
   encrypted headers); everyone.
@@ -17,7 +19,7 @@ without a session that posts into the source channels.  Channels:
 
 What each archive set should become is ``samples.expected_sets()``.
 Seeding is idempotent: existing users, channels, topics and posts (by file
-name or text) are kept, and only missing session files are written.
+name, photo label or text) are kept, and only missing session files are written.
 """
 from __future__ import annotations
 
@@ -156,12 +158,23 @@ class _Seeder:
         return self._find("messages", channel_id=channel_id, **match) is not None
 
     def document(self, channel_id: int, sender_id: int, sample: samples.Sample, *,
-                 topic_id: int | None = None) -> None:
+                 topic_id: int | None = None, grouped_id: int | None = None) -> None:
         if self._posted(channel_id, file_name=sample.file_name):
             return
         self.created["messages"] += 1
+        extra = {"grouped_id": grouped_id} if grouped_id is not None else {}
         self.world.post_document(channel_id, sender_id, sample.file_name, sample.data,
-                                 caption=sample.caption, topic_id=topic_id, mime_type=sample.mime_type)
+                                 caption=sample.caption, topic_id=topic_id, mime_type=sample.mime_type,
+                                 **extra)
+
+    def photo(self, channel_id: int, sender_id: int, sample: samples.Sample, *,
+              topic_id: int | None = None, grouped_id: int | None = None) -> None:
+        """A photo message (MessageMediaPhoto); the sample's file name labels it."""
+        if self._posted(channel_id, photo_label=sample.file_name):
+            return
+        self.created["messages"] += 1
+        self.world.post_photo(channel_id, sender_id, sample.data, caption=sample.caption,
+                              topic_id=topic_id, grouped_id=grouped_id, label=sample.file_name)
 
     def text(self, channel_id: int, sender_id: int, text: str, *, topic_id: int | None = None) -> int | None:
         if self._posted(channel_id, text=text):
@@ -171,8 +184,14 @@ class _Seeder:
 
     def post(self, channel_id: int, sender_id: int, post: samples.Post, topic_id: int | None,
              channels: dict[str, int]) -> None:
-        if post.kind in ("document", "photo"):
-            self.document(channel_id, sender_id, post.sample, topic_id=topic_id)
+        grouped_id = None
+        if post.album is not None:
+            username = next(name for name, cid in channels.items() if cid == channel_id)
+            grouped_id = samples.album_grouped_id(username, post.album)
+        if post.kind == "document":
+            self.document(channel_id, sender_id, post.sample, topic_id=topic_id, grouped_id=grouped_id)
+        elif post.kind == "photo":
+            self.photo(channel_id, sender_id, post.sample, topic_id=topic_id, grouped_id=grouped_id)
         elif post.kind == "text":
             self.text(channel_id, sender_id, post.text, topic_id=topic_id)
         elif post.kind == "deleted":
@@ -199,9 +218,12 @@ class _Seeder:
 
 
 def _value(record: dict, key: str) -> Any:
-    """A field of an ``inspect()`` record; ``file_name`` also looks into ``document``."""
+    """A field of an ``inspect()`` record; ``file_name`` also looks into ``document``,
+    ``photo_label`` into ``photo``."""
     if key == "file_name" and "file_name" not in record:
         return (record.get("document") or {}).get("file_name")
+    if key == "photo_label":
+        return (record.get("photo") or {}).get("label")
     return record.get(key)
 
 
