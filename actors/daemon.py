@@ -988,6 +988,11 @@ class Daemon:
             view["skipped"] = self.storage.skips_by_reason()
             view["index"] = self.storage.index_states()
             view["runs"] = [_run_view(r) for r in self.storage.list_runs("running", limit=20)]
+            view["retrying"] = [  # sets that failed and wait for their next try (backoff)
+                {"set": s.base_name, "set_key": s.set_key, "attempts": s.attempts,
+                 "next_attempt_at": s.next_attempt_at, "last_error": s.last_error}
+                for state in ("ready", "downloading")
+                for s in self.storage.list_archive_sets(state, limit=500) if s.attempts]
         except Exception as exc:
             log.warning("ingest counts failed: {}", exc)
         ref = self._refs.get(INGEST)

@@ -275,6 +275,11 @@ def _ingest(raw: Mapping[str, Any], state_dir: Path, sessions_dir: Path, account
     mappings_given = raw.get("mappings", ())
     ingest = _valid(raw)
     ingest["staging_dir"] = _resolve(ingest.get("staging_dir", Path("staging")), state_dir)
+    i_initial = ingest.get("set_backoff_initial_seconds", IngestSettings.set_backoff_initial_seconds)
+    i_maximum = ingest.get("set_backoff_max_seconds", IngestSettings.set_backoff_max_seconds)
+    if i_initial > i_maximum:
+        errors.append(f"ingest.set_backoff_initial_seconds: must not exceed "
+                      f"ingest.set_backoff_max_seconds ({i_initial} > {i_maximum})")
     listed = {entry["session"]: entry for entry in accounts}
     try:
         on_disk = {p.name[: -len(".session")] for p in sessions_dir.glob("*.session")}

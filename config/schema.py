@@ -128,6 +128,10 @@ class IngestSettings:
     scan_jitter_seconds: float = 60.0
     download_window: int = 8  # parallel 1 MiB download requests per account
     max_archive_bytes: int = 8 * 1024 ** 3  # a larger archive set is skipped (too_large)
+    set_lease_seconds: float = 600.0  # a set being downloaded is ours this long, renewed while we work
+    max_set_attempts: int = 5  # failures of one set before it is skipped (reason failed)
+    set_backoff_initial_seconds: float = 60.0  # wait after a set's first failure, doubling
+    set_backoff_max_seconds: float = 3600.0
     mappings: tuple[IngestMapping, ...] = ()
 
 
@@ -725,6 +729,10 @@ SCHEMA: dict[str, Section | TableList] = {
         "scan_jitter_seconds": Float(minimum=0),
         "download_window": Integer(minimum=1, maximum=64),
         "max_archive_bytes": Integer(minimum=1),
+        "set_lease_seconds": Float(minimum=3, maximum=86400),
+        "max_set_attempts": Integer(minimum=1),
+        "set_backoff_initial_seconds": Float(minimum=0),
+        "set_backoff_max_seconds": Float(minimum=0),
         "mappings": TableArray(Section(IngestMapping, {
             "account": SessionName(required=True),
             "channel": ChannelRef(required=True),

@@ -73,8 +73,15 @@ API (all on ``Storage``)::
         # FOR UPDATE SKIP LOCKED; SQLite: BEGIN IMMEDIATE + re-checked UPDATE).
         # "downloading"/"uploading" come back only after their lease expired
         # (the worker died): resume or reconcile with the transfer.
+        # (migration 5) never a set whose next_attempt_at lies in the future
     renew_set_lease(set_key, owner, lease_seconds) -> bool
     release_set_lease(set_key, owner) -> bool
+    record_set_failure(set_key, owner, *, error, max_attempts, backoff,
+                       run_id=None, account=None) -> ArchiveSetRecord
+        # (migration 5) attempts += 1, last_error = error, lease released;
+        # below max_attempts: next_attempt_at = now + backoff(attempts);
+        # at the cap: "skipped", reason "failed", a skip row per message whose
+        # detail holds the last error
     set_archive_set_state(set_key, state, *, expected=None, reason=None,
                           sha256=UNSET, transfer_id=UNSET, lease_owner=None,
                           release_lease=False) -> ArchiveSetRecord
@@ -262,6 +269,9 @@ class ArchiveSetRecord:
     lease_until: float | None
     created_at: float
     updated_at: float
+    attempts: int = 0                      # failed tries (record_set_failure)
+    next_attempt_at: float | None = None   # not claimed before this (backoff)
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +381,8 @@ def _set_record(s) -> ArchiveSetRecord:
         expected_parts=s.expected_parts, seen_parts=s.seen_parts, complete=s.complete,
         total_size=s.total_size, sha256=s.sha256, transfer_id=s.transfer_id, reason=s.reason,
         lease_owner=s.lease_owner, lease_until=s.lease_until, created_at=s.created_at,
-        updated_at=s.updated_at)
+        updated_at=s.updated_at, attempts=s.attempts, next_attempt_at=s.next_attempt_at,
+        last_error=s.last_error)
 
 
 def _skip_record(k) -> SkipRecord:
@@ -756,7 +767,8 @@ class IngestStore:
         params: dict = {"owner": owner, "lim": int(limit)}
         params.update({f"s{i}": s for i, s in enumerate(states)})
         where = (f"state IN ({', '.join(f'$s{i}' for i in range(len(states)))}) "
-                 "AND (lease_until IS NULL OR lease_until <= $now)")
+                 "AND (lease_until IS NULL OR lease_until <= $now) "
+                 "AND (next_attempt_at IS NULL OR next_attempt_at <= $now)")
         if channel_id is not None:
             params["cid"] = int(channel_id)
             where += " AND channel_id = $cid"
@@ -789,6 +801,37 @@ class IngestStore:
             return True
 
         return self._run(tx, write=True, what="renew archive set lease")
+
+    def record_set_failure(self, set_key: str, owner: str, *, error: str, max_attempts: int,
+                           backoff: Callable[[int], float], run_id: str | None = None,
+                           account: str | None = None) -> ArchiveSetRecord:
+        """One failed try of a set (whoever holds it): attempts += 1, last_error kept.
+        Below ``max_attempts`` the set waits ``backoff(attempts)`` seconds before it
+        can be claimed again; at the cap it is skipped with reason "failed" and the
+        error as the detail of its skip rows. The lease is released either way."""
+        Message = self.entities.SourceMessage
+        error = (error or "unknown error")[:2000]
+
+        def tx():
+            s = self._set_for_update(set_key)
+            if s.lease_owner not in (owner, None):
+                raise SetLeaseLostError(set_key, owner, s.lease_owner)
+            now = self._ingest_now()
+            attempts = int(s.attempts or 0) + 1
+            s.set(attempts=attempts, last_error=error, lease_owner=None, lease_until=None,
+                  updated_at=now)
+            if attempts < int(max_attempts):
+                s.next_attempt_at = now + float(backoff(attempts))
+                return _set_record(s)
+            s.set(state="skipped", reason="failed", next_attempt_at=None)
+            detail = f"failed {attempts} time(s); last error: {error}"
+            for m in Message.select(lambda m: m.set_key == set_key):
+                m.set(status="skipped", reason="failed", updated_at=now)
+                self._put_skip(m.channel_id, m.message_id, "failed", detail, set_key, run_id,
+                               account or m.account, now)
+            return _set_record(s)
+
+        return self._run(tx, write=True, what=f"record a failure of archive set {set_key!r}")
 
     def release_set_lease(self, set_key: str, owner: str) -> bool:
         def tx():

@@ -313,6 +313,12 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             PRIMARY KEY (sha256, entry_index)
         )""",
     ),
+    # 5: archive sets that keep failing: attempts, backoff, the last error
+    (
+        "ALTER TABLE archive_sets ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE archive_sets ADD COLUMN next_attempt_at DOUBLE PRECISION",
+        "ALTER TABLE archive_sets ADD COLUMN last_error TEXT",
+    ),
 )
 
 CURRENT_VERSION = len(MIGRATIONS)

@@ -150,6 +150,9 @@ def define_entities(db: Database) -> SimpleNamespace:
         lease_until = Optional(float)
         created_at = Required(float)
         updated_at = Required(float)
+        attempts = Required(int, default=0)           # migration 5: failed tries of this set
+        next_attempt_at = Optional(float)             # not claimed again before this (backoff)
+        last_error = Optional(str, nullable=True)
 
     class SourceMessage(db.Entity):
         _table_ = "source_messages"

@@ -303,6 +303,15 @@ def format_ingest(ingest: dict, now: float) -> str:
              f"index:    {_counts(ingest.get('index'))}"]
     if ingest.get("error"):
         lines.append(f"error:    {ingest['error']}")
+    retrying = [r for r in ingest.get("retrying") or [] if isinstance(r, dict)]
+    if retrying:  # failed sets waiting for their next try; at the cap they show as skipped: failed
+        rows = []
+        for r in retrying:
+            at = r.get("next_attempt_at")
+            nxt = None if not isinstance(at, (int, float)) else (
+                "due" if at <= now else f"in {human_duration(at - now)}")
+            rows.append((r.get("set"), r.get("attempts"), nxt, r.get("last_error")))
+        lines += ["", table(("FAILED SET", "ATTEMPTS", "NEXT TRY", "LAST ERROR"), rows)]
     running = ingest.get("running") or []
     if running:
         rows = []

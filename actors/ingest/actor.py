@@ -46,7 +46,8 @@ from loguru import logger
 from actors.base import LoopActor
 from actors.faults import fault_point
 from actors.ingest.pipeline import (
-    IngestAccountPort, Phase2, RecordOutcome, SET_LEASE_SECONDS, SetRecorder, SetWorker,
+    IngestAccountPort, Phase2, RecordOutcome, SetRecorder, SetWorker, remove_empty_staging_dirs,
+    set_backoff,
 )
 from actors.ingest.scan import ScanError, StalledError, read_pages, resolve_target
 from actors.supervision import SupervisedMixin
@@ -57,6 +58,7 @@ __all__ = ["IngestActor", "Tick", "ScanNow", "ScanNowResult", "GetIngestStatus",
 
 RETRY_SECONDS = 30.0        # an account that is not running: look again after this
 PHASE2_INTERVAL = 1.0
+STAGING_SWEEP_SECONDS = 60.0  # empty staging folders (files removed by the cleanup) go this often
 
 
 # ------------------------------------------------------------------ messages
@@ -220,7 +222,9 @@ class IngestActor(SupervisedMixin, LoopActor):
         self.recorder = SetRecorder(storage, max_archive_bytes=ing.max_archive_bytes, clock=clock, **extra)
         self.worker = SetWorker(storage, planner, settings, node=node, staging_dir=Path(ing.staging_dir),
                                 budget_for=budget_for, limit_for=limit_for, window=ing.download_window,
-                                clock=clock, chunk_size=chunk_size, sleep=sleep)
+                                clock=clock, chunk_size=chunk_size, sleep=sleep,
+                                set_lease_seconds=ing.set_lease_seconds)
+        self._last_sweep = 0.0
         self.phase2 = Phase2(storage, node=node, clock=clock, staging_dir=Path(ing.staging_dir))
         self._log = logger.bind(actor="ingest")
 
@@ -411,11 +415,13 @@ class IngestActor(SupervisedMixin, LoopActor):
         return state == "finished"
 
     async def _ingest_ready(self, account, m, target, port, progress, run_id) -> None:
-        store = self.storage
+        from storage.ingest import SetLeaseLostError
+
+        store, ing = self.storage, self.settings.ingest
         owner = self.worker.set_owner(account)
         tried: set[str] = set()
         while True:
-            claimed = store.claim_ready_sets(owner, 1, SET_LEASE_SECONDS, channel_id=target.channel_id,
+            claimed = store.claim_ready_sets(owner, 1, ing.set_lease_seconds, channel_id=target.channel_id,
                                              states=("ready", "downloading"))
             if not claimed:
                 return
@@ -438,12 +444,13 @@ class IngestActor(SupervisedMixin, LoopActor):
                                                     on_bytes=on_bytes)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - this set waits for the next scan
-                store.release_set_lease(rec.set_key, owner)
+            except SetLeaseLostError as exc:  # taken over by another worker: not a failure of the set
                 store.update_run(run_id, bytes_downloaded=progress.bytes_done - before,
-                                 progress=f"set {rec.base_name} failed: {type(exc).__name__}: {exc}")
-                self._log.bind(account=account).opt(exception=exc).warning(
-                    "set {} failed, retried on the next scan", rec.set_key)
+                                 progress=f"set {rec.base_name}: lease lost, left to its new holder")
+                self._log.bind(account=account).warning("set {}: {}", rec.set_key, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - this set is tried again after a backoff
+                self._set_failed(account, rec, owner, exc, run_id, progress.bytes_done - before)
                 continue
             skipped = {outcome.result: 1} if outcome.result in ("duplicate", "too_large", "unreadable") \
                 else None
@@ -454,6 +461,32 @@ class IngestActor(SupervisedMixin, LoopActor):
                 self._count(account, skipped=skipped)
             progress.phase, progress.set = "scanning", None
 
+    def _set_failed(self, account, rec, owner, exc, run_id, downloaded: int) -> None:
+        """One failed try: backoff before the next, skipped ("failed") at the cap."""
+        ing, log = self.settings.ingest, self._log.bind(account=account)
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            after = self.storage.record_set_failure(
+                rec.set_key, owner, error=error, max_attempts=ing.max_set_attempts, run_id=run_id,
+                account=account, backoff=lambda n: set_backoff(n, ing.set_backoff_initial_seconds,
+                                                               ing.set_backoff_max_seconds))
+        except Exception as store_exc:  # noqa: BLE001 - at least free it for the next scan
+            log.warning("set {}: recording its failure failed: {!r}", rec.set_key, store_exc)
+            self.storage.release_set_lease(rec.set_key, owner)
+            after = None
+        gave_up = after is not None and after.state == "skipped"
+        self.storage.update_run(
+            run_id, bytes_downloaded=downloaded, skipped={"failed": 1} if gave_up else None,
+            progress=f"set {rec.base_name} failed"
+                     f"{f' (attempt {after.attempts}/{ing.max_set_attempts})' if after else ''}: {error}")
+        if gave_up:
+            self._count(account, skipped={"failed": 1})
+            log.opt(exception=exc).warning("set {} failed {} times: skipped (failed): {}", rec.set_key,
+                                           after.attempts, error)
+        else:
+            log.opt(exception=exc).warning("set {} failed, tried again after a backoff: {}",
+                                           rec.set_key, error)
+
     # -- phase 2 -------------------------------------------------------------------------------
     async def _phase2_round(self) -> None:
         try:
@@ -463,6 +496,18 @@ class IngestActor(SupervisedMixin, LoopActor):
             await self.phase2.index_pending()
         except Exception as exc:  # noqa: BLE001 - tried again next round
             self._log.opt(exception=exc).warning("phase 2 round failed")
+        now = self._clock()
+        if now - self._last_sweep >= STAGING_SWEEP_SECONDS:
+            self._last_sweep = now
+            self.sweep_staging()
+
+    def sweep_staging(self, *, older_than: float = STAGING_SWEEP_SECONDS, now: float | None = None) -> int:
+        """Remove the empty staging folders of sets no longer worked on here."""
+        n = remove_empty_staging_dirs(Path(self.settings.ingest.staging_dir),
+                                      keep=self.worker.active_dirs(), older_than=older_than, now=now)
+        if n:
+            self._log.info("removed {} empty staging folder(s)", n)
+        return n
 
     # -- status & metrics ----------------------------------------------------------------------
     def _status(self) -> IngestStatusResult:

@@ -69,7 +69,8 @@ from actors.ingest.preview import choose_preview, discard_staged_photo, stage_so
 from actors.transfers import CLAIM_LEASE_SECONDS, claim_owner
 
 __all__ = ["IngestAccountPort", "SetRecorder", "SetWorker", "Phase2", "SetOutcome", "RecordOutcome",
-           "SETTLE_SECONDS", "SET_LEASE_SECONDS", "marked_channel", "transfer_id_for"]
+           "SETTLE_SECONDS", "SET_LEASE_SECONDS", "marked_channel", "transfer_id_for", "set_backoff",
+           "remove_empty_staging_dirs"]
 
 SETTLE_SECONDS = 3600.0
 SET_LEASE_SECONDS = 600.0
@@ -89,6 +90,35 @@ def marked_channel(channel_id: int) -> int:
 def transfer_id_for(key: str, sha256: str) -> str:
     """The transfer of one set's content: the same on every restart and process."""
     return str(uuid.uuid5(_NAMESPACE, f"{key}\n{sha256}"))
+
+
+def set_backoff(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds a set waits after its ``attempts``-th failure: initial, doubling, capped."""
+    return min(float(maximum), float(initial) * 2 ** max(0, int(attempts) - 1))
+
+
+def remove_empty_staging_dirs(staging_dir: Path, *, keep: set[Path] | frozenset = frozenset(),
+                              older_than: float = 60.0, now: float | None = None) -> int:
+    """Remove the empty per-set folders of ``staging_dir`` (the verifier's cleanup
+    deletes the staged files, not their folder). A folder in ``keep`` (a set being
+    worked on) or changed in the last ``older_than`` seconds (just made) stays."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        folders = [p for p in Path(staging_dir).iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return 0
+    for folder in folders:
+        if folder in keep:
+            continue
+        try:
+            if now - folder.stat().st_mtime < older_than or any(folder.iterdir()):
+                continue
+            folder.rmdir()  # fails (and stays) if a file appeared meanwhile
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def _safe(text: str) -> str:
@@ -221,14 +251,16 @@ class SetWorker:
                  clock: Callable[[], float] = time.time, chunk_size: int = 1024 * 1024,
                  set_lease_seconds: float = SET_LEASE_SECONDS,
                  claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
-                 sleep: Callable[[float], Any] = asyncio.sleep):
+                 sleep: Callable[[float], Any] = asyncio.sleep,
+                 lease_sleep: Callable[[float], Any] = asyncio.sleep):
         self.storage, self.planner, self.settings = storage, planner, settings
         self.node, self.staging_dir = node, Path(staging_dir)
         self.budget_for, self.limit_for = budget_for, limit_for
         self.window, self.clock, self.chunk_size = window, clock, chunk_size
         self.set_lease_seconds, self.claim_lease_seconds = set_lease_seconds, claim_lease_seconds
-        self.sleep = sleep
+        self.sleep, self.lease_sleep = sleep, lease_sleep
         self.max_bytes = settings.ingest.max_archive_bytes
+        self.active: set[str] = set()   # set keys being processed here (their folders stay)
 
     def set_owner(self, account: str) -> str:
         return f"{self.node}/ingest:{account}"
@@ -236,9 +268,57 @@ class SetWorker:
     def staged_dir(self, key: str) -> Path:
         return self.staging_dir / _safe(key)
 
+    def active_dirs(self) -> set[Path]:
+        return {self.staged_dir(key) for key in self.active}
+
     async def process(self, rec: Any, port: IngestAccountPort, *, account: str, mapping: Any = None,
                       run_id: str | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> SetOutcome:
+        """Ingest one claimed set. Its lease is renewed every third of
+        ``set_lease_seconds`` while this runs (a stalled download or a long
+        manifest build too), so a live worker never loses it; a renewal that
+        finds it lost (it expired and another worker took the set) stops the
+        work with SetLeaseLostError. A worker that dies renews nothing: the set
+        is claimable by others once the lease has run out."""
+        from storage.ingest import SetLeaseLostError
+
+        key, owner = rec.set_key, self.set_owner(account)
+        lost: list[bool] = []
+        self.active.add(key)
+        work = asyncio.ensure_future(self._process(rec, port, account=account, mapping=mapping,
+                                                   run_id=run_id, on_bytes=on_bytes))
+        beat = asyncio.ensure_future(self._keep_lease(key, owner, work, lost))
+        try:
+            return await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if lost and not (task is not None and task.cancelling()):
+                raise SetLeaseLostError(key, owner, None) from None
+            raise
+        finally:
+            beat.cancel()
+            self.active.discard(key)
+
+    async def _keep_lease(self, key: str, owner: str, work: asyncio.Future, lost: list) -> None:
+        every = self.set_lease_seconds / 3
+        while not work.done():
+            await self.lease_sleep(every)
+            if work.done():
+                return
+            try:
+                ok = self.storage.renew_set_lease(key, owner, self.set_lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - a transient DB error: try again next beat
+                log.warning("set {}: lease renewal failed: {!r}", key, exc)
+                continue
+            if not ok:
+                log.warning("set {}: lease lost (expired and taken over): stopping", key)
+                lost.append(True)
+                work.cancel()
+                return
+
+    async def _process(self, rec: Any, port: IngestAccountPort, *, account: str, mapping: Any = None,
+                       run_id: str | None = None,
+                       on_bytes: Callable[[int], None] | None = None) -> SetOutcome:
         store, key, owner = self.storage, rec.set_key, self.set_owner(account)
         if rec.state == "uploading" and rec.transfer_id:
             store.release_set_lease(key, owner)  # phase 2 follows the transfer

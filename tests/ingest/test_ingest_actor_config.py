@@ -115,3 +115,18 @@ def test_displayed_settings_load_back_the_same():
                                             "tags": ["a"]}]
     shown["telegram"].pop("api_id"), shown["telegram"].pop("api_hash")
     assert settings_from_dict(shown, "/elsewhere", env={}) == s
+
+
+def test_set_lease_and_retry_keys_are_read_and_checked_together():
+    s = settings_from_dict({**SIM, "ingest": {"set_lease_seconds": 90, "max_set_attempts": 3,
+                                              "set_backoff_initial_seconds": 5,
+                                              "set_backoff_max_seconds": 40}}, "/base", env={})
+    assert (s.ingest.set_lease_seconds, s.ingest.max_set_attempts) == (90.0, 3)
+    assert (s.ingest.set_backoff_initial_seconds, s.ingest.set_backoff_max_seconds) == (5.0, 40.0)
+    d = settings_from_dict(SIM, "/base", env={}).ingest
+    assert (d.set_lease_seconds, d.max_set_attempts) == (600.0, 5)
+    errors = errors_of({"ingest": {"set_lease_seconds": 1, "max_set_attempts": 0,
+                                   "set_backoff_initial_seconds": 100, "set_backoff_max_seconds": 10}})
+    text = "\n".join(errors)
+    assert "ingest.set_lease_seconds" in text and "ingest.max_set_attempts" in text
+    assert "ingest.set_backoff_initial_seconds: must not exceed" in text
