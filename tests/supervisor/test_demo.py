@@ -82,6 +82,7 @@ def test_demo_uploads_samples_then_completes_them_by_reference(tmp_path):
         assert "waiting for missing parts: partial-set (2 of 3 parts)" in section
         assert "corrupt: " in section and "encrypted: " in section
         assert "preview holiday-photos/cover.png" in section
+        assert re.search(r"wallpapers\.zip .* preview album photo of message \d+", section)
         assert re.search(r"verified \d+ of \d+", section)
 
 
