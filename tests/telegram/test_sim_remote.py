@@ -289,3 +289,27 @@ def test_garbage_frames_do_not_stop_the_server(threaded_server):
     assert control.ping()["pid"] == os.getpid()
     with pytest.raises(Exception, match="unknown op"):
         control.call("explode")
+
+
+def test_control_posts_a_photo_album_that_telethon_downloads(threaded_server, sim_dir):
+    from actors.telegram.sim.samples import png_image
+
+    control = SimControl(threaded_server.socket_path)
+    image = png_image("remote-album", 200, 120)
+    photo = control.post("sim_source_a", file_name="remote.png", data=image, caption="look", photo=True,
+                         grouped_id=555)
+    doc = control.post("sim_source_a", file_name="remote.zip", data=b"PK" + b"r" * 3000, grouped_id=555)
+    shown = {m["id"]: m for m in control.inspect("sim_source_a")["messages"]}
+    assert shown[photo]["photo"]["label"] == "remote.png" and shown[photo]["document"] is None
+    assert shown[photo]["grouped_id"] == shown[doc]["grouped_id"] == 555
+
+    async def alice_downloads():
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        try:
+            msg = await client.get_messages("sim_source_a", ids=photo)
+            return msg.grouped_id, await client.download_media(msg, file=bytes)
+        finally:
+            await client.disconnect()
+
+    assert asyncio.run(alice_downloads()) == (555, image)

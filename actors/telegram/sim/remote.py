@@ -277,8 +277,12 @@ class SimControl:
 
     def post(self, channel: str | int, *, file_name: str | None = None, data: bytes | None = None,
              path: str | Path | None = None, text: str | None = None, caption: str = "",
-             topic: str | int | None = None, sender: str | None = None) -> int:
+             topic: str | int | None = None, sender: str | None = None, photo: bool = False,
+             grouped_id: int | None = None) -> int:
+        extra = {"photo": True} if photo else {}
+        if grouped_id is not None:
+            extra["grouped_id"] = int(grouped_id)
         return self.call("post", channel=str(channel), file_name=file_name, data=data,
                          path=None if path is None else str(Path(path).resolve()),
                          text=text, caption=caption, topic=None if topic is None else str(topic),
-                         sender=sender)
+                         sender=sender, **extra)

@@ -188,7 +188,10 @@ class WorldControl:
 
     def post(self, channel: str | int, *, file_name: str | None = None, data: bytes | None = None,
              path: str | None = None, text: str | None = None, caption: str = "",
-             topic: str | int | None = None, sender: str | None = None) -> int:
+             topic: str | int | None = None, sender: str | None = None, photo: bool = False,
+             grouped_id: int | None = None) -> int:
+        """A text, a document, or (``photo``) a photo message; ``grouped_id`` puts a
+        document or photo in an album."""
         snapshot = self.world.inspect()
         cid = channel_id_of(find_channel(snapshot, channel))
         topic_id = None if topic is None else int(_field(find_topic(snapshot, cid, topic), "topic_id", "id"))
@@ -199,8 +202,12 @@ class WorldControl:
         if content is None:
             raise ValueError("post needs text, data or path")
         name = file_name or (Path(path).name if path else "file.bin")
+        if photo:
+            blob = content.read_bytes() if isinstance(content, Path) else bytes(content)
+            return int(self.world.post_photo(cid, sender_id, blob, caption=caption, topic_id=topic_id,
+                                             grouped_id=grouped_id, label=name))
         return int(self.world.post_document(cid, sender_id, name, content, caption=caption,
-                                            topic_id=topic_id))
+                                            topic_id=topic_id, grouped_id=grouped_id))
 
     def _sender_for(self, snapshot: dict, channel_id: int, sender: str | None) -> int:
         if sender is not None:
