@@ -51,3 +51,29 @@ def test_a_photo_over_one_mib_comes_in_several_requests(env):
     before = len(env.requests(env.bob, "GetFileRequest"))
     assert ask(ref, DownloadPhoto(info)) == big
     assert len(env.requests(env.bob, "GetFileRequest")) - before == 3
+
+
+def test_photo_info_keeps_downloadable_sizes_only():
+    import datetime
+
+    from telethon.tl import types
+
+    from actors.account_core import message_info, photo_info
+
+    date = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    photo = types.Photo(id=5, access_hash=6, file_reference=b"ref", date=date, dc_id=4, sizes=[
+        types.PhotoStrippedSize("i", b"\x01\x02"),
+        types.PhotoSize("m", 320, 200, 9000),
+        types.PhotoSizeProgressive("y", 1280, 800, [1000, 20000, 40000]),
+        types.PhotoPathSize("j", b"path"),
+    ])
+    info = photo_info(photo)
+    assert (info.id, info.access_hash, info.file_reference, info.dc_id) == (5, 6, b"ref", 4)
+    assert (info.size_type, info.size, info.sizes) == ("y", 40000, (("m", 9000), ("y", 40000)))
+    assert photo_info(types.PhotoEmpty(id=1)) is None
+    assert photo_info(types.Photo(id=1, access_hash=2, file_reference=b"", date=date, dc_id=2,
+                                  sizes=[types.PhotoStrippedSize("i", b"x")])) is None
+    msg = types.Message(id=3, peer_id=types.PeerChannel(1), date=date, message="hi",
+                        media=types.MessageMediaPhoto(photo=photo), grouped_id=77)
+    got = message_info(msg)
+    assert got.photo == info and got.grouped_id == 77 and got.document is None
