@@ -589,6 +589,7 @@ class Phase2:
                                                reason="staged files were removed before indexing",
                                                lease_owner=self.owner)
                     out.indexed["unreadable"] = out.indexed.get("unreadable", 0) + 1
+                    discard_staged_photo(paths)
                 continue  # not on this node (yet): the lease expires, another may do it
             result = await asyncio.to_thread(index_archive, paths, fmt=meta.archive_format)
             fault_point("ingest_before_index")
