@@ -606,6 +606,7 @@ class Daemon:
             self.settings = dataclasses.replace(old, daemon=new.daemon, accounts=new.accounts) \
                 if dataclasses.is_dataclass(old) else new
             changes += self._reconcile_accounts()
+            changes += self._reload_ingest(old, new)
             for line in changes:
                 log.info("reload: {}", line)
             if not changes:
@@ -613,6 +614,31 @@ class Daemon:
             return changes
         finally:
             self.notifier.ready("reloaded")
+
+    def _reload_ingest(self, old, new) -> list[str]:
+        """``[ingest]`` changes: the running IngestActor gets the new mappings and
+        schedule; starting ingest where it did not run needs a restart."""
+        old_ing, new_ing = getattr(old, "ingest", None), getattr(new, "ingest", None)
+        if old_ing is None or new_ing is None or old_ing == new_ing:
+            return []
+        ref = self._refs.get(INGEST)
+        if ref is None or not ref.is_alive():
+            if ingest_enabled(new):
+                return ["[ingest] changed: ingest starts after a restart (it is not running now)"]
+            return []
+        from actors.ingest.actor import UpdateIngestSettings
+
+        live = new_ing if ingest_enabled(new) else dataclasses.replace(new_ing, mappings=())
+        if dataclasses.is_dataclass(self.settings):
+            self.settings = dataclasses.replace(self.settings, ingest=live)
+        try:
+            result = ref.ask(UpdateIngestSettings(live), timeout=ASK_TIMEOUT)
+        except Exception as exc:
+            return [f"[ingest] changed, but the ingest actor did not take it: {exc}"]
+        changes = [f"ingest mapping {label} added" for label in result.added]
+        changes += [f"ingest mapping {label} removed" for label in result.removed]
+        changes += [f"ingest.{key} changed: takes effect after a restart" for key in result.restart_needed]
+        return changes or ["[ingest] settings changed"]
 
     def _reconcile_accounts(self) -> list[str]:
         changes = []

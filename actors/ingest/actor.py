@@ -54,7 +54,7 @@ from actors.supervision import SupervisedMixin
 from actors.telegram.errors import TelegramError
 
 __all__ = ["IngestActor", "Tick", "ScanNow", "ScanNowResult", "GetIngestStatus", "IngestStatusResult",
-           "mapping_label"]
+           "UpdateIngestSettings", "UpdateIngestSettingsResult", "mapping_label"]
 
 RETRY_SECONDS = 30.0        # an account that is not running: look again after this
 PHASE2_INTERVAL = 1.0
@@ -84,6 +84,20 @@ class ScanNowResult:
 @dataclass(frozen=True)
 class GetIngestStatus:
     pass
+
+
+@dataclass(frozen=True)
+class UpdateIngestSettings:
+    """A reload: the new ``[ingest]`` section (mappings, schedule, limits) applies from now on."""
+
+    ingest: Any   # config.schema.IngestSettings
+
+
+@dataclass(frozen=True)
+class UpdateIngestSettingsResult:
+    added: tuple[str, ...]      # mapping labels
+    removed: tuple[str, ...]
+    restart_needed: tuple[str, ...] = ()   # keys that only a restart applies
 
 
 @dataclass(frozen=True)
@@ -173,6 +187,19 @@ class Schedule:
         """A round ended without scanning this label (account down): try again soon."""
         if self.due.get(label) in (self.RUNNING, self.AGAIN):
             self.finished(label, now, ok=False)
+
+    def update(self, mappings: list[tuple[str, str]], now: float, *, interval: float,
+               jitter: float) -> None:
+        """New mappings (a reload): new labels are due within the jitter, removed ones
+        forgotten (a round running one finishes its scan), the rest keep their time."""
+        self.interval, self.jitter = interval, jitter
+        self.accounts = dict(mappings)
+        for label in list(self.due):
+            if label not in self.accounts:
+                del self.due[label]
+        for label in self.accounts:
+            if label not in self.due:
+                self.due[label] = now + self._jitter()
 
     def scan_now(self, labels, now: float) -> None:
         for label in labels:
@@ -270,6 +297,8 @@ class IngestActor(SupervisedMixin, LoopActor):
             return self._scan_now(message)
         if isinstance(message, GetIngestStatus):
             return self._status()
+        if isinstance(message, UpdateIngestSettings):
+            return self._update_settings(message.ingest)
         raise TypeError(f"IngestActor does not handle {type(message).__name__}")
 
     # -- the schedule ------------------------------------------------------------------------
@@ -296,6 +325,32 @@ class IngestActor(SupervisedMixin, LoopActor):
         if labels:
             self._tick()
         return ScanNowResult(tuple(labels))
+
+    def _update_settings(self, ing: Any) -> UpdateIngestSettingsResult:
+        import dataclasses
+
+        old = self.settings.ingest
+        restart = tuple(k for k in ("staging_dir", "enabled") if getattr(old, k) != getattr(ing, k))
+        if "staging_dir" in restart:  # staged downloads stay where they are until a restart
+            ing = dataclasses.replace(ing, staging_dir=old.staging_dir)
+        self.settings = dataclasses.replace(self.settings, ingest=ing)
+        before = {label for label, _m in self._mappings}
+        self._mappings = [(mapping_label(m), m) for m in ing.mappings]
+        after = {label for label, _m in self._mappings}
+        self.schedule.update([(label, m.account) for label, m in self._mappings], self._clock(),
+                             interval=ing.scan_interval_seconds, jitter=ing.scan_jitter_seconds)
+        for label in before - after:
+            self._stalled.pop(label, None)
+            self._last_present.pop(label, None)
+        self.recorder.max_bytes = ing.max_archive_bytes
+        w = self.worker
+        w.settings, w.window, w.max_bytes = self.settings, ing.download_window, ing.max_archive_bytes
+        w.set_lease_seconds = ing.set_lease_seconds
+        result = UpdateIngestSettingsResult(tuple(sorted(after - before)), tuple(sorted(before - after)),
+                                            restart)
+        self._log.info("ingest settings reloaded: {} mapping(s), added {}, removed {}", len(after),
+                       list(result.added), list(result.removed))
+        return result
 
     def _known_id(self, m: Any, wanted: str) -> bool:
         if not wanted.lstrip("-").isdigit():
