@@ -4,13 +4,19 @@
 
     Cleaner(storage, *, grace_seconds, clock=time.time, unlink=os.unlink)
     cleanup_due_at(transfer, parts) -> float
-        # when the grace period ends: newest sent_at of ``parts`` (the messages
-        # that back the transfer: the referenced transfer's parts for a
-        # duplicate) + grace
-    clean(transfer, parts=None, *, lease_owner=None, next_check_at=UNSET) -> CleanupResult
+        # when the grace period ends: the newest sent_at and verified_at of
+        # ``parts`` (the messages that back the transfer: the referenced
+        # transfer's parts for a duplicate) + grace; inf while a part is not
+        # verified (verified_at is "verified since", storage/transfers.py)
+    clean(transfer, parts=None, *, lease_owner=None, next_check_at=UNSET,
+          confirm=None) -> CleanupResult
         # only a transfer that storage says is "verified" with every part
-        # verified (re-read before anything is touched; a duplicate: its
-        # reference verified/cleaned); then the original is deleted if
+        # verified at least ``grace`` ago (re-read before anything is touched;
+        # a duplicate: its reference verified/cleaned); then ``confirm(transfer,
+        # parts)`` -- the verifier's fresh GetMessages of the messages -- is
+        # called right before the first file is removed: a reason (not None)
+        # raises CleanupRefusedError and nothing is deleted; then the original
+        # is deleted if
         # transfer.delete_original and it still matches the manifest's size and
         # mtime (never a file changed since), temporary files beside the
         # manifest and the manifest removed, and last the state -> "cleaned"
@@ -23,9 +29,12 @@
 
 CleanupResult(transfer_id, deleted_original: bool, removed: tuple[str, ...],
               kept: tuple[str, ...] (files left and why)).
+CleanupRefusedError(transfer_id, reason): ``confirm`` said the messages are not
+all there (or could not be read) just before the deletion.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +46,15 @@ from loguru import logger
 from storage.manifest import ManifestError, discard_stale_temps, read_manifest
 from storage.transfers import UNSET, TransferStateError
 
-__all__ = ["Cleaner", "CleanupResult"]
+__all__ = ["Cleaner", "CleanupRefusedError", "CleanupResult"]
+
+
+class CleanupRefusedError(Exception):
+    """The fresh look at the messages right before the deletion did not pass: nothing deleted."""
+
+    def __init__(self, transfer_id: str, reason: str):
+        super().__init__(f"transfer {transfer_id}: not cleaned: {reason}")
+        self.transfer_id, self.reason = transfer_id, reason
 
 
 @dataclass(frozen=True)
@@ -65,13 +82,19 @@ class Cleaner:
         self._log = logger.bind(actor="cleanup")
 
     def cleanup_due_at(self, transfer: Any, parts: Sequence[Any]) -> float:
-        """The newest message backing the transfer must be ``grace`` old (and verified now)."""
-        sent = [p.sent_at for p in parts if getattr(p, "sent_at", None) is not None]
-        newest = max(sent) if sent else transfer.updated_at
+        """The newest message backing the transfer must be ``grace`` old, and every part
+        verified (without a miss since) for ``grace`` too: a transfer is never cleaned by the
+        check that first saw it complete."""
+        if any(getattr(p, "verified_at", None) is None for p in parts):
+            return math.inf
+        times = [t for p in parts for t in (getattr(p, "sent_at", None), p.verified_at)
+                 if t is not None]
+        newest = max(times) if times else transfer.updated_at
         return newest + self.grace
 
     def clean(self, transfer: Any, parts: Sequence[Any] | None = None, *, lease_owner: str | None = None,
-              next_check_at: Any = UNSET) -> CleanupResult:
+              next_check_at: Any = UNSET,
+              confirm: Callable[[Any, Sequence[Any]], str | None] | None = None) -> CleanupResult:
         """Delete the original (policy), temp files and manifest of a verified transfer, then
         mark it cleaned. Files first, so a crash in between only repeats the (idempotent)
         deletion on the next check; the state check comes before anything is touched."""
@@ -85,6 +108,9 @@ class Cleaner:
         if transfer.duplicate_of is None and (
                 not parts or any(p.verified_at is None or p.message_id is None for p in parts)):
             raise TransferStateError(transfer.id, transfer.state, "cleaned", "parts not verified")
+        if transfer.duplicate_of is None and self.cleanup_due_at(transfer, parts) > self.clock():
+            raise TransferStateError(transfer.id, transfer.state, "cleaned",
+                                     f"parts verified less than {self.grace:.0f}s ago")
         if transfer.duplicate_of is not None:
             ref = self.storage.get_transfer(transfer.duplicate_of)
             if ref is None or ref.state not in ("verified", "cleaned"):
@@ -102,6 +128,10 @@ class Cleaner:
             if transfer.delete_original and os.path.exists(transfer.source_path):
                 kept.append(f"{transfer.source_path}: manifest unreadable, cannot prove it is "
                             f"the uploaded file ({exc})")
+        if confirm is not None:  # a fresh look at the messages, right before deleting
+            why = confirm(transfer, parts)
+            if why is not None:
+                raise CleanupRefusedError(transfer.id, why)
         if manifest is not None and transfer.delete_original:
             for src in manifest.sources:
                 why = self._unchanged(src)

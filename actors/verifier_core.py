@@ -19,11 +19,18 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
 3. an error or timeout (every reader failed, or none can read the channel now)
    is NOT a pass: nothing is recorded for the transfer, it is due again after
    ``compute_backoff(consecutive errors)`` (uploaded -> verifying);
-4. every part present -> parts verified_at = now, state -> verified, next
-   check on the slow cycle (``verified_interval_seconds``), or at the end of
-   the cleanup grace period when that comes first; when the grace period has
-   passed, :class:`actors.cleanup.Cleaner` cleans up right after this passing
-   check (state -> cleaned, still re-checked on the slow cycle);
+4. every part present -> parts verified_at = now unless set ("verified
+   since"), state -> verified, next check on the slow cycle
+   (``verified_interval_seconds``), or at the end of the cleanup grace period
+   when that comes first.  Cleanup is never done by the check that first
+   saw the transfer complete: only a transfer claimed as verified whose
+   parts were all verified at least ``cleanup_grace_seconds`` ago (and sent
+   that long ago) is cleaned, and :class:`actors.cleanup.Cleaner` asks for
+   the transfer's messages again (GetMessages, the same present rules, no
+   deep check) right before it deletes anything: a miss there takes the
+   miss path of step 5, an error the error path of step 3, nothing deleted
+   (state -> cleaned only after a fresh pass; still re-checked on the slow
+   cycle);
 5. misses are recorded (``record_check(missing=...)``: misses += 1; nothing is
    written for a pass but verified_at), then:
 
@@ -86,6 +93,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from loguru import logger
 
+from actors.cleanup import CleanupRefusedError
 from actors.verifier_messages import TransferOutcome
 from storage.errors import StorageError
 from storage.manifest import (
@@ -509,24 +517,65 @@ class Verifier:
                 now: float) -> TransferOutcome:
         s = self.settings
         slow = now + s.verified_interval_seconds
-        state = "cleaned" if t.state == "cleaned" else "verified"
-        if state == "verified":
-            due = self.cleaner.cleanup_due_at(t, parts)
-            if due <= now:  # clean right after this passing check
-                rec = self.storage.record_check(
-                    t.id, present=present, state="verified", reason="" if t.reason else None,
-                    next_check_at=slow, lease_owner=self.owner)
-                return self._clean(rec, parts, slow)
-            self._passes.append((t.id, "verified", min(slow, due), bool(t.reason)))
-            return TransferOutcome(t.id, "verified", "verified")
-        self._passes.append((t.id, "cleaned", slow, False))
-        return TransferOutcome(t.id, "verified", "cleaned")
+        if t.state == "cleaned":
+            self._passes.append((t.id, "cleaned", slow, False))
+            return TransferOutcome(t.id, "verified", "cleaned")
+        # verified in an earlier pass, every part for the grace period: clean, after a
+        # fresh look at the messages (a check is a snapshot; the deletion comes later)
+        if t.state == "verified" and self.cleaner.cleanup_due_at(t, parts) <= now:
+            rec = self.storage.record_check(
+                t.id, present=present, state="verified", reason="" if t.reason else None,
+                next_check_at=slow, lease_owner=self.owner)
+            return self._clean_own(rec, slow)
+        after = [p if p.verified_at is not None else replace(p, verified_at=now) for p in parts]
+        due = max(self.cleaner.cleanup_due_at(t, after), now)
+        self._passes.append((t.id, "verified", min(slow, due), bool(t.reason)))
+        return TransferOutcome(t.id, "verified", "verified")
 
-    def _clean(self, t: TransferRecord, parts: list[PartRecord], next_check_at: float) -> TransferOutcome:
+    def _fresh_checks(self, t: TransferRecord, parts: Sequence[PartRecord]) -> dict[int, PartCheck]:
+        """The messages of ``parts`` asked again now (the present rules of a check, no deep
+        check): index -> PartCheck; a part without a message is missing."""
+        checks: dict[int, PartCheck] = {}
+        sent = [(t, p) for p in parts if p.message_id is not None]
+        preferred = [a for a, _ in Counter(p.account for _, p in sent if p.account).most_common()]
+        for batch in batched(sent, self.batch_size):
+            for c in self._check_batch(t.destination, batch, preferred):
+                checks[c.index] = c
+        for p in parts:
+            if p.message_id is None:
+                checks[p.index] = PartCheck(t.id, p.index, "missing", f"part {p.index + 1} has no message")
+        return checks
+
+    @staticmethod
+    def _refusal(checks: dict[int, PartCheck]) -> str | None:
+        bad = [c for _, c in sorted(checks.items()) if c.result != "present"]
+        return "; ".join(f"part {c.index + 1} {c.result}: {c.detail}" for c in bad) if bad else None
+
+    def _clean_own(self, t: TransferRecord, next_check_at: float) -> TransferOutcome:
+        """Clean ``t`` if its messages are all there right before the deletion; else act on
+        that fresh check (miss path, or error path: nothing recorded as a pass)."""
+        fresh: dict[int, PartCheck] = {}
+        seen: list[list[PartRecord]] = []
+
+        def confirm(current: TransferRecord, parts: Sequence[PartRecord]) -> str | None:
+            seen.append(list(parts))
+            fresh.update(self._fresh_checks(current, parts))
+            return self._refusal(fresh)
+
+        try:
+            return self._clean(t, [], next_check_at, confirm=confirm)
+        except CleanupRefusedError as exc:
+            self._log.warning("transfer {}: not cleaned, the fresh check before deleting did "
+                              "not pass: {}", t.id, exc.reason)
+            current = self.storage.get_transfer(t.id) or t
+            return self._act(current, seen[-1] if seen else self.storage.list_parts(t.id), fresh)
+
+    def _clean(self, t: TransferRecord, parts: list[PartRecord], next_check_at: float,
+               confirm: Callable[..., str | None] | None = None) -> TransferOutcome:
         try:
             result = self.cleaner.clean(t, parts, lease_owner=self.owner,
-                                        next_check_at=next_check_at)
-        except (TransferStateError, LeaseLostError):
+                                        next_check_at=next_check_at, confirm=confirm)
+        except (TransferStateError, LeaseLostError, CleanupRefusedError):
             raise
         except Exception as exc:  # noqa: BLE001 - cleanup retried on a later check
             self._log.error("transfer {}: cleanup failed, retried later: {}", t.id, exc)
@@ -634,12 +683,32 @@ class Verifier:
                 return TransferOutcome(t.id, "verified", t.state)
             ref_parts = self.storage.list_parts(ref.id)
             due = self.cleaner.cleanup_due_at(t, ref_parts)
-            rec = self.storage.record_check(
-                t.id, state="verified", next_check_at=slow if due <= now else min(slow, due),
-                lease_owner=self.owner, release_lease=due > now)
-            if due <= now:
-                return self._clean(rec, [], slow)
-            return TransferOutcome(t.id, "verified", rec.state)
+            if t.state != "verified" or due > now:  # never cleaned by the check that verified it
+                rec = self.storage.record_check(
+                    t.id, state="verified", next_check_at=min(slow, max(due, now)),
+                    lease_owner=self.owner, release_lease=True)
+                return TransferOutcome(t.id, "verified", rec.state)
+            rec = self.storage.record_check(t.id, state="verified", next_check_at=slow,
+                                            lease_owner=self.owner)
+            fresh: dict[int, PartCheck] = {}
+
+            def confirm(*_: Any) -> str | None:  # the reference's messages back this copy
+                fresh.update(self._fresh_checks(ref, self.storage.list_parts(ref.id)))
+                return self._refusal(fresh)
+
+            try:
+                return self._clean(rec, [], slow, confirm=confirm)
+            except CleanupRefusedError as exc:
+                missing = any(c.result == "missing" for c in fresh.values())
+                if missing:  # the reference's own check re-uploads (or reports it lost)
+                    self.storage.schedule_check(ref.id)
+                self._log.warning("duplicate {}: not cleaned, the fresh check of {} did not "
+                                  "pass: {}", t.id, ref.id, exc.reason)
+                rec = self.storage.record_check(
+                    t.id, state="verifying" if missing else None,
+                    next_check_at=now + s.interval_seconds, lease_owner=self.owner,
+                    release_lease=True)
+                return TransferOutcome(t.id, "following", rec.state, detail=exc.reason)
         # the reference is still on its way (or being re-uploaded): look again later
         state = "verifying" if t.state == "verified" else None
         rec = self.storage.record_check(t.id, state=state, next_check_at=now + s.interval_seconds,

@@ -84,8 +84,10 @@ API (all on ``Storage``)::
     release_transfer_lease(transfer_id, owner, *, next_check_at=UNSET) -> bool
     record_check(transfer_id, *, present=(), missing=(), next_check_at=UNSET,
                  lease_owner=None, state=None, reason=None, release_lease=False)
-        -> TransferRecord   # parts in present: verified_at = now;
-        # parts in missing: misses += 1, verified_at = None;
+        -> TransferRecord   # parts in present: verified_at = now unless set
+        # (verified_at is "verified since": the first passing check after the
+        # part was sent, kept by later passes, so the cleanup grace can count
+        # from it); parts in missing: misses += 1, verified_at = None;
         # last_check_at = now; next_check_at set when given; state/reason/
         # release_lease as in set_transfer_state, all in one transaction
 
@@ -93,7 +95,8 @@ API (all on ``Storage``)::
     list_parts_many(transfer_ids) -> dict[transfer_id, list[PartRecord]]  # one query
     record_passes(passes, *, lease_owner) -> list[transfer_id written]
         # many passing checks in one transaction: (transfer_id, state,
-        # next_check_at, clear_reason) each; every part verified_at = now,
+        # next_check_at, clear_reason) each; every part verified_at = now
+        # unless set (verified since),
         # last_check_at = now, lease released; skipped when the lease is not
         # lease_owner's any more or the state may not move so
     VERIFY_STATES = ("uploaded", "verifying", "verified", "cleaned")   # re-checked states
@@ -834,7 +837,8 @@ class TransferStore:
             for p in t.parts:
                 known.add(p.part_index)
                 if p.part_index in present:
-                    p.verified_at = now
+                    if p.verified_at is None:  # verified since: kept by later passes
+                        p.verified_at = now
                 elif p.part_index in missing:
                     p.set(verified_at=None, misses=p.misses + 1)
             unknown = (present | missing) - known
@@ -860,7 +864,7 @@ class TransferStore:
         """Many passing checks in one transaction (the verifier's common case).
 
         ``passes``: (transfer_id, state, next_check_at, clear_reason) each: every
-        part verified_at = now, last_check_at = now, state moved (transitions
+        part verified_at = now unless already set (verified since), last_check_at = now, state moved (transitions
         apply), reason cleared when asked, lease released. A transfer no longer
         leased to ``lease_owner``, or whose state may not move so, is skipped.
         Returns the ids written.
@@ -896,7 +900,7 @@ class TransferStore:
                 chunk = done[start:start + 500]
                 params = {"now": now, **{f"t{i}": tid for i, tid in enumerate(chunk)}}
                 placeholders = ", ".join(f"$t{i}" for i in range(len(chunk)))
-                self.db.execute(f"UPDATE transfer_parts SET verified_at = $now "
+                self.db.execute(f"UPDATE transfer_parts SET verified_at = COALESCE(verified_at, $now) "
                                 f"WHERE transfer_id IN ({placeholders})", {}, params)
             return done
 

@@ -200,8 +200,9 @@ def test_nothing_is_checked_before_the_first_check_delay(env):
     assert (o.transfer_id, o.result, o.state) == (tid, "verified", "verified")
     t = env.storage.get_transfer(tid)
     assert t.lease_owner is None and t.last_check_at == env.clock.now
-    # a verified transfer waits for the end of the cleanup grace period (< slow cycle)
-    assert t.next_check_at == env.storage.list_parts(tid)[0].sent_at + env.settings.cleanup_grace_seconds
+    # a verified transfer waits for the end of the cleanup grace period (< slow cycle),
+    # counted from its verification ("verified since")
+    assert t.next_check_at == env.clock.now + env.settings.cleanup_grace_seconds
     assert all(p.verified_at == env.clock.now and p.misses == 0 for p in env.storage.list_parts(tid))
 
 
@@ -409,6 +410,8 @@ def test_cleanup_keeps_the_original_when_the_policy_says_so_or_it_changed(env):
     src = env.storage.get_transfer(changed).source_path
     os.utime(src, ns=(5, 5))  # changed after upload: never deleted by cleanup
     env.clock.now += 86400
+    assert {o.result for o in env.verifier.run_pass()} == {"verified"}  # never at the first check
+    env.clock.now += env.settings.cleanup_grace_seconds
     outcomes = {o.transfer_id: o for o in env.verifier.run_pass()}
     assert outcomes[keep].result == outcomes[changed].result == "cleaned"
     assert os.path.exists(env.storage.get_transfer(keep).source_path)
@@ -433,6 +436,9 @@ def test_a_miss_after_cleanup_is_reported_as_lost(env):
     tid = env.transfer(100, delete_original=True)
     env.clock.now += 86400
     [o] = env.verifier.run_pass()
+    assert o.result == "verified"
+    env.clock.now += env.settings.cleanup_grace_seconds
+    [o] = env.verifier.run_pass()
     assert o.result == "cleaned"
     env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
     env.clock.now += env.settings.verified_interval_seconds  # the slow cycle
@@ -442,6 +448,147 @@ def test_a_miss_after_cleanup_is_reported_as_lost(env):
     assert t.reason.startswith("lost after cleanup: message")
     assert len(env.lost) == 1 and env.lost[0][0].id == tid and env.lost[0][2] == [0]
     assert env.verifier.lost == 1
+
+
+# -- cleanup never trusts a check it did not repeat -------------------------------------------
+class DeletingPort(FakePort):
+    """Deletes a message right after the ``after_call``-th GetMessages answered: a channel
+    admin deleting it between a check and the cleanup of the same pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.victim: tuple[str, int] | None = None
+        self.after_call = 1
+        self.fail_from_call: int | None = None
+
+    def get_messages(self, account, channel, ids):
+        if self.fail_from_call is not None and len(self.calls) + 1 >= self.fail_from_call:
+            self.calls.append((account, channel, tuple(ids)))
+            raise TimeoutError("no answer")
+        found = super().get_messages(account, channel, ids)
+        if self.victim is not None and len(self.calls) == self.after_call:
+            self.delete(*self.victim)
+            self.victim = None
+        return found
+
+
+@pytest.fixture
+def denv(tmp_path):
+    e = Env(tmp_path)
+    e.port = DeletingPort()
+    e.verifier = e.make_verifier("node/verifier#d")
+    yield e
+    e.close()
+
+
+def test_a_first_check_after_the_grace_never_cleans_in_the_same_pass(denv):
+    """The durability bug: a transfer first checked after the grace was verified and cleaned by
+    one pass, so a message deleted after that pass's GetMessages was lost with the original."""
+    env = denv
+    tid = env.transfer(2000, delete_original=True)
+    t = env.storage.get_transfer(tid)
+    msg = env.storage.list_parts(tid)[0].message_id
+    env.clock.now += 86400  # the first check comes long after the grace period
+    env.port.victim, env.port.after_call = (CHANNEL, msg), len(env.port.calls) + 1
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+    assert msg not in env.port.channels[CHANNEL]  # deleted after the check saw it
+    env.clock.now = env.storage.get_transfer(tid).next_check_at
+    [o] = env.verifier.run_pass()  # the next check finds the miss: re-upload, nothing lost
+    assert o.result == "reuploading" and os.path.exists(t.source_path)
+    env.upload(tid)
+    env.due()
+    assert [o.result for o in env.verifier.run_pass()] == ["verified"]
+    env.clock.now += env.settings.cleanup_grace_seconds
+    assert [o.result for o in env.verifier.run_pass()] == ["cleaned"]
+    new = env.storage.list_parts(tid)[0].message_id
+    assert new != msg and new in env.port.channels[CHANNEL] and not os.path.exists(t.source_path)
+
+
+def test_a_message_deleted_between_the_check_and_the_cleanup_is_reuploaded(denv):
+    env = denv
+    tid = env.transfer(3 * MIB, limit=MIB, delete_original=True)  # 3 parts
+    t = env.storage.get_transfer(tid)
+    env.due()
+    assert [o.result for o in env.verifier.run_pass()] == ["verified"]
+    env.clock.now += env.settings.cleanup_grace_seconds
+    victim = env.storage.list_parts(tid)[2].message_id
+    calls = len(env.port.calls)
+    env.port.victim, env.port.after_call = (CHANNEL, victim), calls + 1  # after the pass's check
+    [o] = env.verifier.run_pass()
+    assert len(env.port.calls) == calls + 2  # the check, then the fresh look before deleting
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (2,))
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+    parts = env.storage.list_parts(tid)
+    assert parts[2].message_id is None and parts[2].misses == 1
+    assert env.verifier.cleanups == 0
+
+
+def test_an_error_on_the_fresh_check_cleans_nothing_and_records_no_miss(denv):
+    env = denv
+    tid = env.transfer(2000, delete_original=True)
+    t = env.storage.get_transfer(tid)
+    env.due()
+    env.verifier.run_pass()
+    env.clock.now += env.settings.cleanup_grace_seconds
+    env.port.fail_from_call = len(env.port.calls) + 2  # the check answers, the fresh look not
+    [o] = env.verifier.run_pass()
+    rec = env.storage.get_transfer(tid)
+    assert (o.result, rec.state) == ("error", "verified") and rec.lease_owner is None
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+    assert all(p.misses == 0 and p.verified_at is not None for p in env.storage.list_parts(tid))
+    env.port.fail_from_call = None
+    env.clock.now = rec.next_check_at
+    assert [o.result for o in env.verifier.run_pass()] == ["cleaned"]
+    assert not os.path.exists(t.source_path)
+
+
+def test_a_duplicate_is_not_cleaned_when_its_reference_lost_a_message(denv):
+    env = denv
+    orig = env.transfer(300, delete_original=False)
+    dup = env.transfer(300, delete_original=True, upload=False)
+    env.storage.mark_transfer_duplicate(dup, orig)
+    env.due()
+    assert sorted(o.result for o in env.verifier.run_pass()) == ["verified", "verified"]
+    env.clock.now += env.settings.cleanup_grace_seconds
+    msg = env.storage.list_parts(orig)[0].message_id
+    # the reference's check and cleanup (fresh look) see it, then it is deleted
+    env.port.victim, env.port.after_call = (CHANNEL, msg), len(env.port.calls) + 2
+    outcomes = {o.transfer_id: o for o in env.verifier.run_pass()}
+    assert outcomes[orig].result == "cleaned"
+    assert (outcomes[dup].result, outcomes[dup].state) == ("following", "verifying")
+    assert os.path.exists(env.storage.get_transfer(dup).source_path)
+    assert env.storage.get_transfer(orig).next_check_at == env.clock.now  # looked at again now
+    outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
+    assert outcomes == {orig: "lost"}
+
+
+def test_the_cleaner_refuses_parts_verified_less_than_the_grace_ago(env):
+    tid = env.transfer(100, delete_original=True)
+    env.due()
+    env.verifier.run_pass()
+    cleaner = Cleaner(env.storage, grace_seconds=env.settings.cleanup_grace_seconds, clock=env.clock)
+    env.clock.now += env.settings.cleanup_grace_seconds - 1
+    with pytest.raises(TransferStateError, match="verified less than"):
+        cleaner.clean(env.storage.get_transfer(tid))
+    env.clock.now += 1
+    with pytest.raises(Exception, match="not cleaned: gone"):  # confirm says no: nothing deleted
+        cleaner.clean(env.storage.get_transfer(tid), confirm=lambda t, parts: "gone")
+    assert os.path.exists(env.storage.get_transfer(tid).source_path)
+    assert cleaner.clean(env.storage.get_transfer(tid), confirm=lambda t, parts: None).deleted_original
+
+
+def test_later_passes_keep_verified_since(env):
+    tid = env.transfer(100)
+    env.due()
+    env.verifier.run_pass()
+    first = env.clock.now
+    env.clock.now += 10
+    env.storage.schedule_check(tid)
+    env.verifier.run_pass()
+    assert [p.verified_at for p in env.storage.list_parts(tid)] == [first]
+    assert env.storage.get_transfer(tid).last_check_at == env.clock.now
 
 
 # -- duplicates, deep check, leases -----------------------------------------------------------
@@ -459,6 +606,10 @@ def test_a_duplicate_follows_the_referenced_transfer(env):
     assert os.path.exists(env.storage.get_transfer(dup).source_path)
     env.port.accounts = ["alice"]
     env.clock.now += 86400
+    outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
+    assert outcomes == {orig: "verified", dup: "verified"}  # never cleaned by the first check
+    assert os.path.exists(env.storage.get_transfer(dup).source_path)
+    env.clock.now += env.settings.cleanup_grace_seconds
     outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
     assert outcomes == {orig: "cleaned", dup: "cleaned"}
     assert not os.path.exists(env.storage.get_transfer(dup).source_path)  # dup's policy

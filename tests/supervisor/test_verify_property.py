@@ -11,9 +11,11 @@ daemon at its fault points (or at a random moment when the point is not reached)
   grace) or failed, with nothing lost: each part of a cleaned transfer is in the destination
   exactly once under its recorded message id, and a failed one keeps its original and manifest.
 
-Deletions only hit transfers still on their way to verification (uploaded/verifying) and not
-about to be checked: a message deleted after cleanup is lost by definition (DESIGN "Durability
-model"), and so is one deleted between a check that saw it and the cleanup in that same pass.
+Deletions hit transfers on their way to verification (uploaded/verifying) at any moment, a
+check running or not (no pass both verifies and cleans a transfer, and the cleanup asks for the
+messages again right before it deletes anything), and verified ones between checks. A message
+deleted after the cleanup's fresh look is lost by definition, like one deleted after cleanup
+(DESIGN "Durability model"): the schedule never deletes a verified transfer's message mid-pass.
 """
 from __future__ import annotations
 
@@ -170,13 +172,14 @@ def run_schedule(tmp: Path, sim, db_url: str, schedule: list[dict]) -> int:
 
 
 def delete_one_unverified(control: SimControl, storage, root: Path) -> int:
-    """Delete a message of a transfer on its way to verification whose next check is not about
-    to start (a message deleted while a check that already saw it is running is lost if that
-    same pass cleans the transfer: a check is a snapshot)."""
+    """Delete a message of a transfer not cleaned yet: uploaded/verifying at any moment (even
+    while a check that already saw the message runs), verified only between checks (the window
+    after the cleanup's fresh look is the one no verifier can close)."""
     now = time.time()
     for r in known_transfers(storage, root).values():
-        if r.state in ("uploaded", "verifying") and r.lease_owner is None \
-                and r.next_check_at is not None and r.next_check_at > now + DELETE_MARGIN_SECONDS:
+        between_checks = r.lease_owner is None and r.next_check_at is not None \
+            and r.next_check_at > now + DELETE_MARGIN_SECONDS
+        if r.state in ("uploaded", "verifying") or (r.state == "verified" and between_checks):
             sent = [p for p in storage.list_parts(r.id) if p.message_id is not None]
             if sent:
                 return control.delete(DEST, [sent[0].message_id])
