@@ -43,7 +43,7 @@ from actors.verifier_messages import (
     GetVerifierStatus, Tick, VerifierStatusResult, VerifyNow, VerifyResult,
 )
 
-__all__ = ["AccountsMessagePort", "VerifierActor", "verifier_owner", "marker_adopter"]
+__all__ = ["AccountsMessagePort", "VerifierActor", "idle_wait", "verifier_owner", "marker_adopter"]
 
 READER_STATES = ("ready", "cooling_down")
 OWNER_MARK = "/verifier#"
@@ -124,10 +124,22 @@ def marker_adopter(port: AccountsMessagePort) -> Callable[..., dict]:
     return adopt
 
 
+def idle_wait(settings: Any, cap: float, *, now: float, next_check: float | None) -> float:
+    """How long an idle verifier may skip Ticks: never past the next stored check
+    (``next_check``), nor past the shortest delay after which a check it does not know of
+    yet can fall due (first check delay, re-check interval, first back-off), nor ``cap``."""
+    delays = [cap, settings.first_check_delay_seconds, settings.interval_seconds,
+              settings.backoff_initial_seconds]
+    if next_check is not None:
+        delays.append(next_check - now)
+    return max(0.0, min(float(d) for d in delays))
+
+
 class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
-    """See the module docstring. Ticks coalesce: an idle verifier claims at most every
-    ``idle_seconds``; after a full batch the next pass follows at once (told to itself,
-    so VerifyNow and status asks get in between)."""
+    """See the module docstring. Ticks coalesce: an idle verifier claims again on the first
+    Tick at or after the next stored check (or after the shortest configured delay, at most
+    ``idle_seconds``: :func:`idle_wait`); after a full batch the next pass follows at once
+    (told to itself, so VerifyNow and status asks get in between)."""
 
     def __init__(self, storage: Any, settings: Any, *, accounts: Callable[[], dict[str, Any]],
                  node: str, metrics: Any = None, clock: Callable[[], float] = time.time,
@@ -148,7 +160,8 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
                              metrics=metrics, adopt=adopt or None, on_lost=on_lost,
                              claim_limit=claim_limit)
         self._clock, self._monotonic, self._idle = clock, monotonic, idle_seconds
-        self._next_idle_pass = 0.0
+        self._next_idle_pass = 0.0          # monotonic: at most idle_seconds of skipped Ticks
+        self._next_due_pass = 0.0           # clock: the next check we know of, or a delay
         self._passes = 0
         self._last_pass_at: float | None = None
         self._log = logger.bind(actor="verifier")
@@ -185,13 +198,23 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
         return outcomes
 
     def _tick(self) -> None:
-        if not self.settings.enabled or self._monotonic() < self._next_idle_pass:
+        if not self.settings.enabled:
+            return
+        if self._monotonic() < self._next_idle_pass and self._clock() < self._next_due_pass:
             return
         outcomes = self._pass()
         if len(outcomes) >= self.core.claim_limit:
             self.actor_ref.tell(Tick())  # more is due: go on after what is queued
-        else:
-            self._next_idle_pass = self._monotonic() + self._idle
+            return
+        now = self._clock()
+        try:
+            next_check = self.storage.next_check_time()
+        except Exception as exc:  # noqa: BLE001 - no back-off beyond the configured delays
+            self._log.warning("next check time: storage failed: {}", exc)
+            next_check = now
+        wait = idle_wait(self.settings, self._idle, now=now, next_check=next_check)
+        self._next_idle_pass = self._monotonic() + wait
+        self._next_due_pass = now + wait
 
     def _verify_now(self, transfer_id: str | None) -> VerifyResult:
         scheduled = self.storage.schedule_check(transfer_id)

@@ -105,6 +105,8 @@ API (all on ``Storage``)::
         # for every transfer in states; leases untouched; returns the count
     oldest_due_check(states=VERIFY_STATES) -> float | None
         # smallest next_check_at that is <= now (lag = now - it), None if none due
+    next_check_time(states=VERIFY_STATES) -> float | None
+        # smallest next_check_at, due or not (the verifier's idle back-off)
     count_due_checks(states=VERIFY_STATES) -> int   # due now, leased or not
     release_transfer_leases(owner_prefix, *, keep=None) -> int
         # recovery on start: drop leases whose owner starts with owner_prefix
@@ -965,6 +967,16 @@ class TransferStore:
                           if t.next_check_at is not None and t.next_check_at <= now).first()
 
         return self._run(tx, write=False, what="oldest due check")
+
+    def next_check_time(self, states: Sequence[str] = VERIFY_STATES) -> float | None:
+        """The smallest next_check_at, due or not (when a verifier has work next), or None."""
+        states = tuple(states)
+
+        def tx():
+            q = self._in_states_query(states)
+            return select(min(t.next_check_at) for t in q if t.next_check_at is not None).first()
+
+        return self._run(tx, write=False, what="next check time")
 
     def count_due_checks(self, states: Sequence[str] = VERIFY_STATES) -> int:
         states = tuple(states)
