@@ -45,23 +45,65 @@ def run_migrations(url: DatabaseUrl, *, create: bool, clock: Callable[[], float]
         raw.close()
 
 
+def _is_closed(connection) -> bool:
+    closed = getattr(connection, "closed", None)  # psycopg2: 0 while open
+    if closed is not None and not callable(closed):
+        return bool(closed)
+    try:
+        connection.in_transaction  # sqlite3: raises once closed (from any thread)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def prune_connections(connections: list, owners: dict) -> int:
+    """Drop the connections that are closed, or whose thread has ended (Pony keeps one
+    connection per thread: nobody uses it again), closing the latter where the driver lets
+    another thread do it (sqlite3 does not: dropping the last reference closes it).
+    ``owners``: id(connection) -> the thread that opened it. Returns how many were dropped."""
+    keep = []
+    for con in connections:
+        owner = owners.get(id(con))
+        if _is_closed(con):
+            owners.pop(id(con), None)
+            continue
+        if owner is not None and not owner.is_alive():
+            owners.pop(id(con), None)
+            try:
+                con.close()
+            except Exception:  # noqa: BLE001 - sqlite3: other thread; freed with the last ref
+                pass
+            continue
+        keep.append(con)
+    dropped = len(connections) - len(keep)
+    connections[:] = keep
+    return dropped
+
+
 def _bind(url: DatabaseUrl, *, create: bool) -> tuple[Database, object, list]:
     db = Database()
     connections: list = []
+    owners: dict[int, threading.Thread] = {}
     lock = threading.Lock()
+
+    def track(connection) -> None:
+        # every connection is kept for Storage.close(); those of ended threads (admin
+        # requests, short-lived workers) are pruned here so the list does not grow forever
+        with lock:
+            prune_connections(connections, owners)
+            connections.append(connection)
+            owners[id(connection)] = threading.current_thread()
 
     @db.on_connect(provider="sqlite")
     def _sqlite_pragmas(_db, connection):
         cursor = connection.cursor()
         for pragma in SQLITE_PRAGMAS:
             cursor.execute(pragma)
-        with lock:
-            connections.append(connection)
+        track(connection)
 
     @db.on_connect(provider="postgres")
     def _pg_track(_db, connection):
-        with lock:
-            connections.append(connection)
+        track(connection)
 
     entities = define_entities(db)
     try:
