@@ -199,6 +199,7 @@ class AccountActor(SupervisedMixin, LoopActor):
 
     def on_failure(self, exc_type, exc_value, tb) -> None:
         self._log.opt(exception=(exc_type, exc_value, tb)).error("account actor failed")
+        super().on_failure(exc_type, exc_value, tb)  # SupervisedMixin: report the death now
 
     async def on_teardown(self) -> None:
         client, self._client = self._client, None

@@ -434,6 +434,25 @@ def test_connection_failure_on_start_stops_the_actor(env):
         ask(ref, GetAccountInfo())
 
 
+def test_a_failed_account_actor_reports_its_death_to_the_supervisor_at_once(env):
+    """SupervisedMixin's ActorDied, told from on_failure (not found later by a poll)."""
+    from actors.supervision import ActorDied, supervised_context
+
+    class Unknown:
+        pass
+
+    died: queue.Queue = queue.Queue()
+    with supervised_context("account:alice", died.put):
+        ref = env.start("alice")
+    assert ask(ref, GetAccountInfo()).state == "ready"
+    assert died.empty()
+    ref.tell(Unknown())  # a tell'd handler that raises: on_failure, the actor stops
+    report = died.get(timeout=T)
+    assert isinstance(report, ActorDied) and report.name == "account:alice"
+    assert report.urn == ref.actor_urn and "TypeError" in report.reason
+    assert ref.actor_stopped.wait(T)
+
+
 def test_metrics_count_requests_floods_and_state(env):
     from prometheus_client import CollectorRegistry
 
