@@ -11,7 +11,9 @@ cannot be NULL) and read back as None.
 
 API (all on ``Storage``)::
 
-    SOURCE_STATUSES = ("pending", "ingested", "skipped")
+    SOURCE_STATUSES = ("pending", "ingested", "skipped", "seen")
+        # "seen" (migration 5): a document that is no archive, recorded only so
+        # that it is not examined again (no set, no skip row)
     SET_STATES = ("waiting", "ready", "downloading", "uploading", "ingested",
                   "skipped", "failed")
     SKIP_REASONS = ("too_large", "incomplete_set", "duplicate", "unreadable",
@@ -32,7 +34,8 @@ API (all on ``Storage``)::
     # source messages (PK channel_id, message_id): first writer wins
     record_source_message(channel_id, message_id, *, account, file_name, size,
                           document_id=None, topic_id=None, posted_at=None,
-                          set_key=None, part_number=None, run_id=None)
+                          set_key=None, part_number=None, run_id=None,
+                          status="pending", reason=None)
         -> SourceMessageResult(record, created)
         # created False: another account/process recorded it first; the stored
         # record is returned unchanged (status tells whether it is done)
@@ -168,7 +171,7 @@ from pony.orm import count, exists, select
 
 from storage.errors import StorageError
 
-SOURCE_STATUSES = ("pending", "ingested", "skipped")
+SOURCE_STATUSES = ("pending", "ingested", "skipped", "seen")
 SET_STATES = ("waiting", "ready", "downloading", "uploading", "ingested", "skipped", "failed")
 SKIP_REASONS = ("too_large", "incomplete_set", "duplicate", "unreadable", "not_archive", "failed")
 INDEX_STATES = ("pending", "ok", "encrypted", "corrupt", "unreadable")
@@ -514,10 +517,12 @@ class IngestStore:
         document_id: int | None = None, topic_id: int | None = None,
         posted_at: float | None = None, set_key: str | None = None,
         part_number: int | None = None, run_id: str | None = None,
+        status: str = "pending", reason: str | None = None,
     ) -> SourceMessageResult:
         """Record a message seen in a source channel; the first writer wins."""
         if not account:
             raise ValueError("account must not be empty")
+        _check(status, SOURCE_STATUSES, "source message status")
         Message = self.entities.SourceMessage
         key = dict(channel_id=int(channel_id), message_id=int(message_id))
         fields = dict(
@@ -532,7 +537,7 @@ class IngestStore:
             if m is not None:
                 return SourceMessageResult(_message_record(m), False)
             now = self._ingest_now()
-            m = Message(**key, **fields, status="pending", created_at=now, updated_at=now)
+            m = Message(**key, **fields, status=status, reason=reason, created_at=now, updated_at=now)
             # flush now: a concurrent insert of the same key fails here (and the
             # session retries, finding the winner's row) instead of at commit
             m.flush()

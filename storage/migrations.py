@@ -91,6 +91,43 @@ def _create_package_meta(conn: MigrationConnection) -> None:
     conn.execute("CREATE INDEX package_meta_transfer ON package_meta (transfer_id)")
 
 
+def _allow_seen_messages(conn: MigrationConnection) -> None:
+    """Migration 5: source messages may be "seen" (a document that is no archive,
+    recorded so that it is not examined again). PostgreSQL swaps the CHECK;
+    SQLite cannot alter one, so the table is rebuilt (same columns, same order)."""
+    statuses = "('pending', 'ingested', 'skipped', 'seen')"
+    if conn.dialect == "postgres":
+        conn.execute("ALTER TABLE source_messages DROP CONSTRAINT source_messages_status_check")
+        conn.execute(f"ALTER TABLE source_messages ADD CONSTRAINT source_messages_status_check "
+                     f"CHECK (status IN {statuses})")
+        return
+    conn.execute(f"""CREATE TABLE source_messages_new (
+            channel_id BIGINT NOT NULL,
+            message_id BIGINT NOT NULL,
+            topic_id BIGINT NOT NULL,
+            account TEXT NOT NULL,
+            document_id BIGINT,
+            file_name TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            posted_at DOUBLE PRECISION,
+            set_key TEXT,
+            part_number INTEGER,
+            status TEXT NOT NULL CHECK (status IN {statuses}),
+            reason TEXT,
+            transfer_id TEXT,
+            run_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (channel_id, message_id)
+        )""")
+    conn.execute("INSERT INTO source_messages_new SELECT * FROM source_messages")
+    conn.execute("DROP TABLE source_messages")
+    conn.execute("ALTER TABLE source_messages_new RENAME TO source_messages")
+    conn.execute("CREATE INDEX source_messages_set ON source_messages (set_key, part_number)")
+    conn.execute("CREATE INDEX source_messages_document ON source_messages (document_id)")
+    conn.execute("CREATE INDEX source_messages_status ON source_messages (status, channel_id)")
+
+
 MIGRATIONS: tuple[tuple[Step, ...], ...] = (
     # 1: accounts and their remembered FloodWaits
     (
@@ -313,11 +350,13 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             PRIMARY KEY (sha256, entry_index)
         )""",
     ),
-    # 5: archive sets that keep failing: attempts, backoff, the last error
+    # 5: archive sets that keep failing: attempts, backoff, the last error;
+    #    source messages "seen" (no archive: not examined again)
     (
         "ALTER TABLE archive_sets ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE archive_sets ADD COLUMN next_attempt_at DOUBLE PRECISION",
         "ALTER TABLE archive_sets ADD COLUMN last_error TEXT",
+        _allow_seen_messages,
     ),
 )
 

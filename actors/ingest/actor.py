@@ -432,7 +432,9 @@ class IngestActor(SupervisedMixin, LoopActor):
             at_present = False
             try:
                 async for page in read_pages(port, target, since):
-                    out = self.recorder.record_page(target, page, account=account, run_id=run.id)
+                    sniffed = await self.recorder.sniff(target, page, port)
+                    out = self.recorder.record_page(target, page, account=account, run_id=run.id,
+                                                    sniffed=sniffed)
                     for key in sorted(out.set_keys):
                         self.recorder.refresh_set(key, at_present=False, run_id=run.id, account=account,
                                                   outcome=out)

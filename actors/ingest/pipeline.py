@@ -12,8 +12,12 @@ incomplete when a scan has reached the present is reported (``incomplete_set``
 skip rows; it keeps waiting, and becomes ready when the rest arrives, which
 removes the skip rows). A byte-split set whose last volume happens to be
 full-size counts as complete once its newest part is ``settle_seconds`` old
-(archives.set_status ``settled``). Documents that are no archives are not
-recorded.
+(archives.set_status ``settled``). A document without a file name (or with a
+bare name, no extension) is an archive when its mime type says so
+(:data:`ARCHIVE_MIME_TYPES`) or, for an unspecific mime type, when the magic
+bytes of its first 4 KiB do (:meth:`SetRecorder.sniff`, one ranged read); it is
+named ``telegram_<document id>.<format>``. Documents that are no archives are
+recorded as "seen" (no set, no skip), so no account examines them again.
 
 :class:`SetWorker` -- a claimed set (storage ``claim_ready_sets``) is ingested:
 
@@ -60,7 +64,7 @@ from loguru import logger
 from actors.account_messages import DocumentInfo, GetMessages, MessagesResult
 from actors.asking import ask_async
 from actors.faults import fault_point
-from actors.ingest.archives import SetPart, parse_archive_name, set_key, set_status
+from actors.ingest.archives import SetPart, parse_archive_name, set_key, set_status, sniff_format
 from actors.ingest.download import (
     AccountRangePort, DownloadError, download_document, journal_path,
 )
@@ -72,6 +76,13 @@ __all__ = ["IngestAccountPort", "SetRecorder", "SetWorker", "Phase2", "SetOutcom
            "SETTLE_SECONDS", "SET_LEASE_SECONDS", "marked_channel", "transfer_id_for", "set_backoff",
            "remove_empty_staging_dirs"]
 
+ARCHIVE_MIME_TYPES = {
+    "application/zip": "zip", "application/x-zip-compressed": "zip",
+    "application/x-rar-compressed": "rar", "application/vnd.rar": "rar",
+    "application/x-7z-compressed": "7z",
+}
+_NOT_ARCHIVE_MIME = ("image/", "video/", "audio/", "text/")
+SNIFF_BYTES = 4096   # one aligned ranged read: enough for every archive magic
 SETTLE_SECONDS = 3600.0
 SET_LEASE_SECONDS = 600.0
 INDEX_LEASE_SECONDS = 600.0
@@ -151,26 +162,76 @@ class RecordOutcome:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
+def _unnamed(doc: Any) -> bool:
+    """No file name to go by: none at all, or a bare one without an extension."""
+    name = Path(str(doc.file_name or "")).name.strip()
+    return not name or "." not in name.strip(".")
+
+
+def _needs_sniff(doc: Any) -> bool:
+    mime = (doc.mime_type or "").lower()
+    return (_unnamed(doc) and mime not in ARCHIVE_MIME_TYPES
+            and not mime.startswith(_NOT_ARCHIVE_MIME) and doc.size > 0)
+
+
+def archive_name_of(doc: Any, sniffed: dict | None = None):
+    """The ArchiveName of a document: from its file name, else (unnamed) from its
+    mime type or sniffed magic bytes (``sniffed``: document id -> format or None)."""
+    name = parse_archive_name(doc.file_name or "")
+    if name is not None or not _unnamed(doc):
+        return name
+    fmt = ARCHIVE_MIME_TYPES.get((doc.mime_type or "").lower()) or (sniffed or {}).get(doc.id)
+    return parse_archive_name(f"telegram_{doc.id}.{fmt}") if fmt else None
+
+
 class SetRecorder:
     def __init__(self, storage: Any, *, max_archive_bytes: int, clock: Callable[[], float] = time.time,
                  settle_seconds: float = SETTLE_SECONDS):
         self.storage, self.max_bytes, self.clock = storage, max_archive_bytes, clock
         self.settle_seconds = settle_seconds
 
+    async def sniff(self, target: Target, page: Page, port: Any) -> dict[int, str | None]:
+        """Magic bytes of the page's unnamed documents whose mime type says nothing
+        (one 4 KiB ranged read each; messages recorded before are not read again)."""
+        todo = [m for m in page.messages if m.document is not None and _needs_sniff(m.document)]
+        if not todo:
+            return {}
+        known = self.storage.seen_message_ids(target.channel_id, [m.id for m in todo])
+        found: dict[int, str | None] = {}
+        for m in todo:
+            if m.id in known:
+                continue
+            try:
+                head = await port.read(m.document, 0, SNIFF_BYTES)
+            except Exception as exc:  # noqa: BLE001 - unknown: counted as no archive
+                log.warning("message {}: could not read the head of its document: {!r}", m.id, exc)
+                head = b""
+            found[m.document.id] = sniff_format(head)
+        return found
+
     def record_page(self, target: Target, page: Page, *, account: str, run_id: str | None = None,
-                    outcome: RecordOutcome | None = None) -> RecordOutcome:
+                    outcome: RecordOutcome | None = None,
+                    sniffed: dict[int, str | None] | None = None) -> RecordOutcome:
         out = outcome or RecordOutcome()
         for m in page.messages:
             doc = m.document
             if doc is None:
                 continue
-            name = parse_archive_name(doc.file_name or "")
-            if name is None:
-                out.others += 1
+            name = archive_name_of(doc, sniffed)
+            if name is None:  # recorded as seen: nobody examines it again
+                res = self.storage.record_source_message(
+                    target.channel_id, m.id, account=account, file_name=doc.file_name or "",
+                    size=doc.size, document_id=doc.id, topic_id=target.topic_id, posted_at=m.date,
+                    run_id=run_id, status="seen", reason="not_archive")
+                if res.created or not res.record.set_key:
+                    out.others += 1
+                else:  # an archive another account sniffed before (this one did not read it)
+                    out.known += 1
                 continue
             key = set_key(target.channel_id, target.topic_id, name)
             res = self.storage.record_source_message(
-                target.channel_id, m.id, account=account, file_name=doc.file_name, size=doc.size,
+                target.channel_id, m.id, account=account,
+                file_name=name.file_name if _unnamed(doc) else doc.file_name, size=doc.size,
                 document_id=doc.id, topic_id=target.topic_id, posted_at=m.date, set_key=key,
                 part_number=name.number, run_id=run_id)
             if res.created:
