@@ -91,17 +91,9 @@ def _create_package_meta(conn: MigrationConnection) -> None:
     conn.execute("CREATE INDEX package_meta_transfer ON package_meta (transfer_id)")
 
 
-def _allow_seen_messages(conn: MigrationConnection) -> None:
-    """Migration 5: source messages may be "seen" (a document that is no archive,
-    recorded so that it is not examined again). PostgreSQL swaps the CHECK;
-    SQLite cannot alter one, so the table is rebuilt (same columns, same order)."""
-    statuses = "('pending', 'ingested', 'skipped', 'seen')"
-    if conn.dialect == "postgres":
-        conn.execute("ALTER TABLE source_messages DROP CONSTRAINT source_messages_status_check")
-        conn.execute(f"ALTER TABLE source_messages ADD CONSTRAINT source_messages_status_check "
-                     f"CHECK (status IN {statuses})")
-        return
-    conn.execute(f"""CREATE TABLE source_messages_new (
+def _source_messages_table(name: str, statuses: str) -> str:
+    """The source_messages table (migration 4; rebuilt by migration 5 on SQLite)."""
+    return f"""CREATE TABLE {name} (
             channel_id BIGINT NOT NULL,
             message_id BIGINT NOT NULL,
             topic_id BIGINT NOT NULL,
@@ -119,13 +111,32 @@ def _allow_seen_messages(conn: MigrationConnection) -> None:
             created_at DOUBLE PRECISION NOT NULL,
             updated_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (channel_id, message_id)
-        )""")
+        )"""
+
+
+_SOURCE_MESSAGES_INDEXES = (
+    "CREATE INDEX source_messages_set ON source_messages (set_key, part_number)",
+    "CREATE INDEX source_messages_document ON source_messages (document_id)",
+    "CREATE INDEX source_messages_status ON source_messages (status, channel_id)",
+)
+
+
+def _allow_seen_messages(conn: MigrationConnection) -> None:
+    """Migration 5: source messages may be "seen" (a document that is no archive,
+    recorded so that it is not examined again). PostgreSQL swaps the CHECK;
+    SQLite cannot alter one, so the table is rebuilt (same columns, same order)."""
+    statuses = "('pending', 'ingested', 'skipped', 'seen')"
+    if conn.dialect == "postgres":
+        conn.execute("ALTER TABLE source_messages DROP CONSTRAINT source_messages_status_check")
+        conn.execute(f"ALTER TABLE source_messages ADD CONSTRAINT source_messages_status_check "
+                     f"CHECK (status IN {statuses})")
+        return
+    conn.execute(_source_messages_table("source_messages_new", statuses))
     conn.execute("INSERT INTO source_messages_new SELECT * FROM source_messages")
     conn.execute("DROP TABLE source_messages")
     conn.execute("ALTER TABLE source_messages_new RENAME TO source_messages")
-    conn.execute("CREATE INDEX source_messages_set ON source_messages (set_key, part_number)")
-    conn.execute("CREATE INDEX source_messages_document ON source_messages (document_id)")
-    conn.execute("CREATE INDEX source_messages_status ON source_messages (status, channel_id)")
+    for statement in _SOURCE_MESSAGES_INDEXES:
+        conn.execute(statement)
 
 
 MIGRATIONS: tuple[tuple[Step, ...], ...] = (
@@ -269,28 +280,8 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             updated_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE INDEX archive_sets_state ON archive_sets (state, updated_at)",
-        """CREATE TABLE source_messages (
-            channel_id BIGINT NOT NULL,
-            message_id BIGINT NOT NULL,
-            topic_id BIGINT NOT NULL,
-            account TEXT NOT NULL,
-            document_id BIGINT,
-            file_name TEXT NOT NULL,
-            size BIGINT NOT NULL,
-            posted_at DOUBLE PRECISION,
-            set_key TEXT,
-            part_number INTEGER,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'ingested', 'skipped')),
-            reason TEXT,
-            transfer_id TEXT,
-            run_id TEXT,
-            created_at DOUBLE PRECISION NOT NULL,
-            updated_at DOUBLE PRECISION NOT NULL,
-            PRIMARY KEY (channel_id, message_id)
-        )""",
-        "CREATE INDEX source_messages_set ON source_messages (set_key, part_number)",
-        "CREATE INDEX source_messages_document ON source_messages (document_id)",
-        "CREATE INDEX source_messages_status ON source_messages (status, channel_id)",
+        _source_messages_table("source_messages", "('pending', 'ingested', 'skipped')"),
+        *_SOURCE_MESSAGES_INDEXES,
         """CREATE TABLE ingested_documents (
             document_id BIGINT NOT NULL PRIMARY KEY,
             channel_id BIGINT NOT NULL,
