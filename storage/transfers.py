@@ -68,6 +68,7 @@ API (all on ``Storage``)::
     # chunk journal (resume inside a part)
     journal_chunk(transfer_id, part_index, chunk_index, account) -> None  (idempotent)
     journal_chunk_many(transfer_id, part_index, chunk_indexes, account) -> None
+        # one transaction, one upsert statement per 1000 chunks (idempotent)
     journaled_chunks(transfer_id, part_index, *, account=None, max_age=None) -> set[int]
         # account: only chunks that account sent (uploaded parts are per
         # session); max_age: only chunks acknowledged within that many seconds
@@ -677,22 +678,32 @@ class TransferStore:
         """Remember that the server acknowledged one upload chunk of a part."""
         self.journal_chunk_many(transfer_id, part_index, (chunk_index,), account)
 
+    JOURNAL_ROWS_PER_STATEMENT = 1000
+
     def journal_chunk_many(self, transfer_id: str, part_index: int,
                            chunk_indexes: Iterable[int], account: str) -> None:
+        """Journal many chunks in one transaction: one upsert statement per 1000 chunks
+        (INSERT ... ON CONFLICT DO UPDATE on both backends), idempotent: a chunk journaled
+        again takes the new account and acked_at."""
         chunks = sorted({int(c) for c in chunk_indexes})
         part_index = int(part_index)
-        Journal = self.entities.PartJournal
+        if not chunks:
+            return
+        step = self.JOURNAL_ROWS_PER_STATEMENT
 
         def tx():
             self._part_for_update(transfer_id, part_index)  # clear error, not an FK failure
-            now = self._now()
-            for c in chunks:
-                row = Journal.get(transfer_id=transfer_id, part_index=part_index, chunk_index=c)
-                if row is None:
-                    Journal(transfer_id=transfer_id, part_index=part_index, chunk_index=c,
-                            account=account, acked_at=now)
-                else:
-                    row.set(account=account, acked_at=now)
+            params = {"tid": transfer_id, "account": account, "now": self._now()}
+            for start in range(0, len(chunks), step):
+                # the indexes are ints (validated above): inline, so a statement needs
+                # three parameters however many rows it writes
+                rows = ", ".join(f"($tid, {part_index}, {c}, $account, $now)"
+                                 for c in chunks[start:start + step])
+                self.db.execute(
+                    "INSERT INTO part_journal (transfer_id, part_index, chunk_index, account, "
+                    f"acked_at) VALUES {rows} ON CONFLICT (transfer_id, part_index, chunk_index) "
+                    "DO UPDATE SET account = excluded.account, acked_at = excluded.acked_at",
+                    {}, params)
 
         self._run(tx, write=True, what=f"journal chunks of {transfer_id!r} part {part_index}")
 

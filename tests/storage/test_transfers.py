@@ -283,6 +283,34 @@ def test_chunk_journal(store, clock):
         store.journal_chunk("t1", 9, 0, "alice")
 
 
+def test_journal_chunk_many_is_one_bulk_upsert(store, clock, caplog):
+    """2500 chunks: one transaction, one statement per 1000 rows, no lookup per chunk;
+    journaling again is idempotent and takes the newer account and time."""
+    import logging
+
+    from pony.orm import set_sql_debug
+
+    _create(store)
+    store.journal_chunk_many("t1", 0, [], "alice")                        # nothing to do
+    store.journal_chunk_many("t1", 0, range(0, 2000, 2), "alice")
+    clock.advance(100)
+    caplog.set_level(logging.INFO, logger="pony.orm.sql")
+    set_sql_debug(True)
+    try:
+        store.journal_chunk_many("t1", 0, list(range(2500)) + [7, 7], "bob")
+    finally:
+        set_sql_debug(False)
+    statements = [r.getMessage() for r in caplog.records if r.name == "pony.orm.sql"]
+    journal = [sql for sql in statements if "part_journal" in sql]
+    assert len(journal) == 3 and all(sql.lstrip().startswith("INSERT") for sql in journal)
+    assert store.journaled_chunks("t1", 0) == set(range(2500))
+    assert store.journaled_chunks("t1", 0, account="bob") == set(range(2500))  # updated
+    assert store.journaled_chunks("t1", 0, max_age=50) == set(range(2500))
+    store.journal_chunk_many("t1", 0, [1, 2], "carol")
+    assert store.journaled_chunks("t1", 0, account="carol") == {1, 2}
+    assert store.clear_journal("t1", 0) == 2500
+
+
 # -- due checks and leases -------------------------------------------------------------------
 
 
