@@ -86,6 +86,9 @@ SNIFF_BYTES = 4096   # one aligned ranged read: enough for every archive magic
 SETTLE_SECONDS = 3600.0
 SET_LEASE_SECONDS = 600.0
 INDEX_LEASE_SECONDS = 600.0
+# packages indexed per phase-2 round (one a second): all that were just uploaded, so the
+# index reads the staged files well before the verifier's cleanup removes them
+INDEX_BATCH = 32
 INDEX_GIVE_UP_SECONDS = 86400.0
 UPLOADED_STATES = ("uploaded", "verifying", "verified", "cleaned")
 _NAMESPACE = uuid.UUID("6f1d1b7e-5a36-4f0e-9a59-1d0c6f0a7e55")
@@ -630,7 +633,7 @@ class Phase2:
                      package.transfer_id)
         return out
 
-    async def index_pending(self, limit: int = 4) -> Phase2Outcome:
+    async def index_pending(self, limit: int = INDEX_BATCH) -> Phase2Outcome:
         from actors.ingest.index import index_archive
         from storage.manifest import ManifestError, read_manifest
 
