@@ -31,6 +31,9 @@ CleanupResult(transfer_id, deleted_original: bool, removed: tuple[str, ...],
               kept: tuple[str, ...] (files left and why)).
 CleanupRefusedError(transfer_id, reason): ``confirm`` said the messages are not
 all there (or could not be read) just before the deletion.
+CleanupDeferredError(transfer_id, reason): not yet, nothing touched -- an
+ingested archive whose package index (phase 2, storage ``get_package_meta``)
+is still "pending" needs its staged files; the verifier tries again later.
 """
 from __future__ import annotations
 
@@ -46,7 +49,15 @@ from loguru import logger
 from storage.manifest import ManifestError, discard_stale_temps, read_manifest
 from storage.transfers import UNSET, TransferStateError
 
-__all__ = ["Cleaner", "CleanupRefusedError", "CleanupResult"]
+__all__ = ["Cleaner", "CleanupDeferredError", "CleanupRefusedError", "CleanupResult"]
+
+
+class CleanupDeferredError(Exception):
+    """Not cleaned yet (something still needs the files): nothing touched, try again later."""
+
+    def __init__(self, transfer_id: str, reason: str):
+        super().__init__(f"transfer {transfer_id}: cleanup deferred: {reason}")
+        self.transfer_id, self.reason = transfer_id, reason
 
 
 class CleanupRefusedError(Exception):
@@ -117,6 +128,9 @@ class Cleaner:
                 raise TransferStateError(transfer.id, transfer.state, "cleaned",
                                          f"referenced transfer {transfer.duplicate_of} is "
                                          f"{'gone' if ref is None else ref.state}, not verified")
+        pending = self._index_pending(transfer)
+        if pending:
+            raise CleanupDeferredError(transfer.id, pending)
         removed: list[str] = []
         kept: list[str] = []
         deleted = False
@@ -156,6 +170,16 @@ class Cleaner:
         log = self._log.warning if kept else self._log.info
         log("transfer {} cleaned: {}", transfer.id, result.summary())
         return result
+
+    def _index_pending(self, transfer: Any) -> str | None:
+        """Why the staged files are still needed: the package's index is pending."""
+        get_meta = getattr(self.storage, "get_package_meta", None)
+        if get_meta is None or not getattr(transfer, "sha256", None):
+            return None
+        meta = get_meta(transfer.sha256)
+        if meta is not None and meta.transfer_id == transfer.id and meta.index_state == "pending":
+            return "the package's contents are not indexed yet"
+        return None
 
     @staticmethod
     def _unchanged(src: Any) -> str | None:

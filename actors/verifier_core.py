@@ -93,7 +93,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from loguru import logger
 
-from actors.cleanup import CleanupRefusedError
+from actors.cleanup import CleanupDeferredError, CleanupRefusedError
 from actors.verifier_messages import TransferOutcome
 from storage.errors import StorageError
 from storage.manifest import (
@@ -577,6 +577,11 @@ class Verifier:
                                         next_check_at=next_check_at, confirm=confirm)
         except (TransferStateError, LeaseLostError, CleanupRefusedError):
             raise
+        except CleanupDeferredError as exc:  # e.g. an ingested archive not indexed yet
+            self._log.info("transfer {}: {}; again in {:.0f}s", t.id, exc.reason,
+                           self.settings.interval_seconds)
+            self._release(t.id, next_check_at=self.clock() + self.settings.interval_seconds)
+            return TransferOutcome(t.id, "verified", t.state, detail=f"cleanup deferred: {exc.reason}")
         except Exception as exc:  # noqa: BLE001 - cleanup retried on a later check
             self._log.error("transfer {}: cleanup failed, retried later: {}", t.id, exc)
             self._release(t.id, next_check_at=self.clock() + self.settings.interval_seconds)

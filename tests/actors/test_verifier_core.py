@@ -579,6 +579,25 @@ def test_the_cleaner_refuses_parts_verified_less_than_the_grace_ago(env):
     assert cleaner.clean(env.storage.get_transfer(tid), confirm=lambda t, parts: None).deleted_original
 
 
+def test_cleanup_waits_for_the_index_of_an_ingested_archive(env):
+    """The phase-2 index (issue 5) reads the staged files: not deleted while it is pending."""
+    tid = env.transfer(100, delete_original=True)
+    t = env.storage.get_transfer(tid)
+    env.storage.register_package_meta(t.sha256, tid, archive_format="zip")
+    env.due()
+    env.verifier.run_pass()
+    env.clock.now += env.settings.cleanup_grace_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified") and "not indexed yet" in o.detail
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+    rec = env.storage.get_transfer(tid)
+    assert rec.lease_owner is None and rec.next_check_at == env.clock.now + env.settings.interval_seconds
+    env.storage.record_package_index(t.sha256, state="ok")
+    env.clock.now = rec.next_check_at
+    assert [o.result for o in env.verifier.run_pass()] == ["cleaned"]
+    assert not os.path.exists(t.source_path)
+
+
 def test_later_passes_keep_verified_since(env):
     tid = env.transfer(100)
     env.due()
