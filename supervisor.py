@@ -119,6 +119,10 @@ def cmd_run(config_path: Path) -> int:
             log.error("refusing to start: {}", exc)
             print(f"stashd: {exc}", file=sys.stderr)
             return EXIT_REFUSED
+        except OSError as exc:  # a socket or port taken, a directory not writable: no traceback
+            log.error("start-up failed: {}", exc)
+            print(f"stashd: start-up failed: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         except Exception as exc:
             log.opt(exception=exc).error("start-up failed: {}", exc)
             return EXIT_FAILURE

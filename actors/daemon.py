@@ -340,7 +340,8 @@ class Daemon:
             self.metrics_server = start_metrics_server(self.metrics, m.host, m.port)
         except OSError as exc:
             if not (self._metrics_port_fallback and m.port):
-                raise
+                raise OSError(exc.errno, f"metrics endpoint {m.host}:{m.port}: {exc.strerror}; "
+                              "set [metrics] port (or enabled = false) in the config") from exc
             log.warning("metrics port {} is taken ({}); serving on a free port instead", m.port, exc)
             self.metrics_server = start_metrics_server(self.metrics, m.host, 0)
         log.info("metrics on http://{}:{}/metrics", m.host, getattr(self.metrics_server, "port", m.port))

@@ -212,6 +212,30 @@ def test_restart_intensity_exits_nonzero(tmp_path, sim):
         proc.communicate()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_port_taken_is_a_clear_error_without_traceback(tmp_path):
+    demo_dir = tmp_path / "demo"
+    proc = stashd("demo", "--dir", str(demo_dir))
+    finish(proc, 90)
+    assert proc.returncode == 0
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = demo_dir / "stashd.toml"
+        config.write_text(config.read_text().replace("port = 9464", f"port = {port}"))
+        proc = stashd("run", "--config", str(config))
+        out, err = finish(proc, 60)
+    assert proc.returncode == 1
+    assert f"metrics endpoint 127.0.0.1:{port}" in err and "Address already in use" in err
+    assert "Traceback" not in err
+
+
 def test_demo_then_run_on_the_same_state(tmp_path):
     demo_dir = tmp_path / "demo"
     proc = stashd("demo", "--dir", str(demo_dir))
@@ -220,8 +244,14 @@ def test_demo_then_run_on_the_same_state(tmp_path):
     assert "bob" in out and "Premium: bob" in out
     assert "Stash Archive" in out
     assert not (demo_dir / "sim" / "sim.sock").exists()  # the demo stopped its sim server
-    # `stashd run` on the demo's config starts the sim server itself.
-    proc = stashd("run", "--config", str(demo_dir / "stashd.toml"))
+    # `stashd run` on the demo's config starts the sim server itself.  The demo
+    # falls back to a free metrics port when 9464 is taken; `run` refuses, so
+    # another suite holding 9464 must not fail this test: move the port.
+    config = demo_dir / "stashd.toml"
+    text = config.read_text()
+    assert "port = 9464" in text
+    config.write_text(text.replace("port = 9464", f"port = {_free_port()}"))
+    proc = stashd("run", "--config", str(config))
     try:
         status = wait_for(lambda: all_ready(demo_dir / "stashd.sock"), timeout=30, what="run on demo state")
         assert len(status["accounts"]) == 3
