@@ -416,14 +416,18 @@ class AccountActor(SupervisedMixin, LoopActor):
             id=doc.id, access_hash=doc.access_hash, file_reference=doc.file_reference, thumb_size=""
         )
         request = functions.upload.GetFileRequest(location=location, offset=msg.offset, limit=msg.limit)
+        return await self._get_file(request, doc.dc_id)
+
+    async def _get_file(self, request: Any, dc_id: int | None) -> bytes:
+        """One upload.getFile, in the file's own DC (Telethon's exported sender) when not ours."""
         home = getattr(self._client.session, "dc_id", None)
-        if not doc.dc_id or home is None or doc.dc_id == home:
+        if not dc_id or home is None or dc_id == home:
             result = await self._raw(request)
-        else:  # the document lives in another DC: Telethon's exported sender for it
+        else:
             client = self._client
 
             async def call_other_dc() -> Any:
-                sender = await client._borrow_exported_sender(doc.dc_id)
+                sender = await client._borrow_exported_sender(dc_id)
                 try:
                     return await client._call(sender, request)
                 finally:
@@ -446,26 +450,11 @@ class AccountActor(SupervisedMixin, LoopActor):
             id=photo.id, access_hash=photo.access_hash, file_reference=photo.file_reference,
             thumb_size=size_type)
         chunk, out = 1024 * 1024, bytearray()
-        home = getattr(self._client.session, "dc_id", None)
         while True:
             request = functions.upload.GetFileRequest(location=location, offset=len(out), limit=chunk)
-            if not photo.dc_id or home is None or photo.dc_id == home:
-                result = await self._raw(request)
-            else:  # the photo lives in another DC: Telethon's exported sender for it
-                client = self._client
-
-                async def call_other_dc(request=request) -> Any:
-                    sender = await client._borrow_exported_sender(photo.dc_id)
-                    try:
-                        return await client._call(sender, request)
-                    finally:
-                        await client._return_exported_sender(sender)
-
-                result = await self._request("GetFileRequest", call_other_dc)
-            if not isinstance(result, types.upload.File):
-                raise RpcError("GetFileRequest", None, f"unsupported reply {type(result).__name__}")
-            out += result.bytes
-            if len(result.bytes) < chunk or (size is not None and len(out) >= size):
+            data = await self._get_file(request, photo.dc_id)
+            out += data
+            if len(data) < chunk or (size is not None and len(out) >= size):
                 return bytes(out)
             if len(out) > msg.max_bytes:
                 raise InvalidRangeError(f"photo size {size_type} is over {msg.max_bytes} bytes")
