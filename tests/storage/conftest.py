@@ -93,3 +93,15 @@ def raw_db(db_url):
     raw = RawDb(db_url)
     yield raw
     raw.close()
+
+
+@pytest.fixture
+def stores(request, db_url, clock):
+    """One Storage per racing thread (its own connections, as separate processes
+    would have); the test module's THREADS says how many."""
+    from storage import open_storage
+
+    opened = [open_storage(db_url, clock=clock) for _ in range(request.module.THREADS)]
+    yield opened
+    for s in opened:
+        s.close()

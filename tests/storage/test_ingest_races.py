@@ -4,37 +4,14 @@ Exactly one of many recorders wins a source message or a document id; sets and
 index work are never leased twice."""
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from storage import open_storage
+from tests.storage.race_helpers import race
 
 THREADS = 12
 CH = -100777
 SHA = "cd" * 32
-
-
-@pytest.fixture
-def stores(db_url, clock):
-    opened = [open_storage(db_url, clock=clock) for _ in range(THREADS)]
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def _race(stores, fn):
-    """Run fn(i, store) in one thread per store, all released at once."""
-    barrier = threading.Barrier(len(stores))
-
-    def run(i):
-        barrier.wait(timeout=20)
-        return fn(i, stores[i])
-
-    with ThreadPoolExecutor(len(stores)) as pool:
-        futures = [pool.submit(run, i) for i in range(len(stores))]
-        return [f.result(timeout=90) for f in futures]
 
 
 @pytest.mark.timeout(60)
@@ -45,7 +22,7 @@ def test_one_recorder_wins_a_source_message_and_a_document_id(stores):
         added = s.record_ingested_documents([(9000, CH, 42)], transfer_id=f"t{i}")
         return seen, added
 
-    results = _race(stores, record)
+    results = race(stores, record)
     created = [seen for seen, _ in results if seen.created]
     assert len(created) == 1
     winner = created[0].record.account
@@ -64,7 +41,7 @@ def test_racing_set_upserts_and_meta_registrations_make_one_row(stores):
         meta = s.register_package_meta(SHA, f"t{i}")
         return st, meta
 
-    results = _race(stores, step)
+    results = race(stores, step)
     assert len({meta.transfer_id for _, meta in results}) == 1
     final = stores[0].get_archive_set("k")
     assert final.complete and final.state == "ready"  # some upsert said complete
@@ -90,7 +67,7 @@ def test_sets_and_index_work_are_never_leased_twice(stores, clock):
         return ([x.set_key for x in s.claim_ready_sets(f"w{i}", 3, 60)],
                 [x.sha256 for x in s.claim_index_work(f"w{i}", 3, 60)])
 
-    results = _race(stores, claim)
+    results = race(stores, claim)
     sets = [k for got, _ in results for k in got]
     metas = [k for _, got in results for k in got]
     assert len(sets) == len(set(sets)) == 30  # 12 x 3 >= 30: all taken, none twice
@@ -99,8 +76,8 @@ def test_sets_and_index_work_are_never_leased_twice(stores, clock):
     for i, (got, _) in enumerate(results):
         assert all(owners[k] == f"w{i}" for k in got)
     # nothing is free while the leases live; all of it after they expire, once
-    assert _race(stores, lambda i, s: s.claim_ready_sets(f"x{i}", 3, 60)) == [[]] * THREADS
+    assert race(stores, lambda i, s: s.claim_ready_sets(f"x{i}", 3, 60)) == [[]] * THREADS
     clock.advance(61)
-    again = [k.set_key for got in _race(stores, lambda i, s: s.claim_ready_sets(f"y{i}", 5, 60))
+    again = [k.set_key for got in race(stores, lambda i, s: s.claim_ready_sets(f"y{i}", 5, 60))
              for k in got]
     assert sorted(again) == sorted(set(sets))

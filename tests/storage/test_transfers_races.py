@@ -2,37 +2,15 @@
 (its own connections), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from storage import open_storage
+from tests.storage.race_helpers import race
 
 SHA = "ef" * 32
 THREADS = 16
-
-
-@pytest.fixture
-def stores(db_url, clock):
-    opened = [open_storage(db_url, clock=clock) for _ in range(THREADS)]
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def _race(stores, fn):
-    """Run fn(i, store) in one thread per store, all released at once."""
-    barrier = threading.Barrier(len(stores))
-
-    def run(i):
-        barrier.wait(timeout=20)
-        return fn(i, stores[i])
-
-    with ThreadPoolExecutor(len(stores)) as pool:
-        futures = [pool.submit(run, i) for i in range(len(stores))]
-        return [f.result(timeout=90) for f in futures]
 
 
 def _transfer(store, tid, sha=SHA, parts=1):
@@ -49,7 +27,7 @@ def _upload(store, tid, parts=1):
 
 
 def test_exactly_one_of_many_claimers_wins_a_hash(stores):
-    results = _race(stores, lambda i, s: s.claim_content(SHA, f"w{i}", 30, f"t{i}"))
+    results = race(stores, lambda i, s: s.claim_content(SHA, f"w{i}", 30, f"t{i}"))
     winners = [r for r in results if r.granted]
     assert len(winners) == 1
     assert {r.holder for r in results} == {winners[0].holder}
@@ -61,7 +39,7 @@ def test_after_upload_every_claimer_sees_the_package(stores):
     _transfer(s0, "t0")
     assert s0.claim_content(SHA, "w0", 30, "t0").granted
     _upload(s0, "t0")
-    results = _race(stores, lambda i, s: s.claim_content(SHA, f"x{i}", 30, f"u{i}"))
+    results = race(stores, lambda i, s: s.claim_content(SHA, f"x{i}", 30, f"u{i}"))
     assert [(r.granted, r.existing_package) for r in results] == [(False, "t0")] * THREADS
 
 
@@ -77,7 +55,7 @@ def test_upload_racing_claimers_never_grants_after_the_package(stores):
             return None
         return s.claim_content(SHA, f"x{i}", 30, f"u{i}")
 
-    results = [r for r in _race(stores, step) if r is not None]
+    results = [r for r in race(stores, step) if r is not None]
     assert all(not r.granted for r in results)
     assert all(r.holder == "w0" or r.existing_package == "t0" for r in results)
 
@@ -85,7 +63,7 @@ def test_upload_racing_claimers_never_grants_after_the_package(stores):
 def test_one_claimer_takes_over_an_expired_lease(stores, clock):
     assert stores[0].claim_content(SHA, "dead", 10, "t-dead").granted
     clock.advance(11)
-    results = _race(stores, lambda i, s: s.claim_content(SHA, f"w{i}", 10, f"t{i}"))
+    results = race(stores, lambda i, s: s.claim_content(SHA, f"w{i}", 10, f"t{i}"))
     winners = [r.holder for r in results if r.granted]
     assert len(winners) == 1 and winners[0] != "dead"
     assert {r.holder for r in results} == {winners[0]}
@@ -108,7 +86,7 @@ def test_due_transfers_are_never_leased_twice(stores, clock):
             assert len(got) <= 3
             mine.extend(t.id for t in got)
 
-    per_owner = _race(stores, drain)
+    per_owner = race(stores, drain)
     claimed = [tid for ids in per_owner for tid in ids]
     assert sorted(claimed) == [f"t{i:03d}" for i in range(n)]  # each exactly once
     leases = {t.id: t.lease_owner for t in stores[0].list_transfers(limit=n)}
