@@ -15,14 +15,7 @@ from telethon.tl import functions, types
 from actors.telegram.sim.client import make_sim_client
 from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.telegram.sim_helpers import Clock
 
 
 @dataclass

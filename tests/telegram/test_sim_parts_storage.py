@@ -8,21 +8,13 @@ import hashlib
 import os
 
 import pytest
-from telethon.extensions import BinaryReader
 from telethon.tl import functions, types
 
 from actors.telegram.sim.errors import SimRpcError
-from actors.telegram.sim.world import SimWorld, auth_key_id
+from actors.telegram.sim.world import SimWorld
+from tests.telegram.sim_helpers import Clock, call, peer
 
 KIB = 1024
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -33,17 +25,6 @@ def env(tmp_path):
     channel = world.create_channel("c", username="chan", admins=[alice.user_id])
     yield world, clock, alice, channel
     world.close()
-
-
-def call(world, user, request):
-    raw = world.handle_bytes(auth_key_id(user.auth_key), bytes(request))
-    return request.read_result(BinaryReader(raw))
-
-
-def peer(world, user, channel_id):
-    result = call(world, user, functions.messages.GetDialogsRequest(None, 0, types.InputPeerEmpty(), 100, 0))
-    chat = next(c for c in result.chats if c.id == channel_id)
-    return types.InputPeerChannel(chat.id, chat.access_hash)
 
 
 def upload(world, user, file_id, data, part_size, *, big=True, order=None):

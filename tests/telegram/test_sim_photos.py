@@ -13,16 +13,9 @@ from actors.telegram.sim.client import make_sim_client
 from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.samples import png_image
 from actors.telegram.sim.world import SimWorld, image_dimensions, photo_size_type, write_session_file
+from tests.telegram.sim_helpers import Clock
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

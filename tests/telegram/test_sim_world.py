@@ -10,14 +10,7 @@ from telethon.tl import functions, types
 
 from actors.telegram.sim.errors import SimRpcError
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.telegram.sim_helpers import Clock, call, peer
 
 
 @pytest.fixture
@@ -25,17 +18,6 @@ def world(tmp_path):
     w = SimWorld(tmp_path / "w", clock=Clock(), seed=1)
     yield w
     w.close()
-
-
-def call(world, user, request):
-    raw = world.handle_bytes(auth_key_id(user.auth_key), bytes(request))
-    return request.read_result(BinaryReader(raw))
-
-
-def peer(world, user, channel_id):
-    result = call(world, user, functions.messages.GetDialogsRequest(None, 0, types.InputPeerEmpty(), 100, 0))
-    chat = next(c for c in result.chats if c.id == channel_id)
-    return types.InputPeerChannel(chat.id, chat.access_hash)
 
 
 def history(world, user, channel_id, **kw):
