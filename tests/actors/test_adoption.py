@@ -6,33 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pykka
 import pytest
 
-from actors.account import AccountActor
 from actors.account_messages import DocumentInfo, MessageInfo, SearchMessages
 from actors.adoption import adopt_orphans, adoptable
-from actors.telegram.client import build_client
-from actors.telegram.sim.local import LocalTransport
-from actors.telegram.sim.world import SimWorld, auth_key_id, write_session_file
+from actors.telegram.sim.world import SimWorld, auth_key_id
 from actors.uploader import AccountPort, FileReader, UploaderActor
 from actors.uploader_core import upload_document
 from actors.uploader_messages import UploadTransfer
-from config.loader import settings_from_dict
 from storage.database import open_storage
 from storage.manifest import build_manifest, write_manifest
 from storage.transfers import PartRecord
+from tests.actors.sim_helpers import Clock, sim_settings, start_sim_account, stop_sim
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_700_000_000.0
-
-    def __call__(self):
-        return self.now
 
 
 class Env:
@@ -46,18 +34,13 @@ class Env:
         admins = [u.user_id for u in self.users.values()]
         self.dest = self.world.create_channel("Stash", username="stash_archive", admins=admins)
         self.forum = self.world.create_channel("Forum", username="sim_forum", forum=True, admins=admins)
-        self.settings = settings_from_dict(
-            {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
-            base_dir=tmp_path, env={})
+        self.settings = sim_settings(tmp_path)
         self.storage = open_storage(db_url, clock=self.clock)
         self.accounts = {n: self._start(n) for n in self.users}
 
     def _start(self, name):
-        session = write_session_file(self.tmp / "sessions" / name, self.users[name].auth_key)
-        factory = lambda: build_client(self.settings, session,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(self.world))
-        return AccountActor.start(name, session, self.settings, self.storage, None, self.clock,
-                                  client_factory=factory)
+        return start_sim_account(name, self.users[name], tmp=self.tmp, world=self.world,
+                                 settings=self.settings, storage=self.storage, clock=self.clock)
 
     def count(self, name, request):
         key = auth_key_id(self.users[name].auth_key)
@@ -91,9 +74,7 @@ class Env:
                                                clock=self.clock))
 
     def close(self):
-        pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        self.storage.close()
-        self.world.close()
+        stop_sim(self.storage, self.world)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pykka
 import pytest
 
 from actors.account import AccountActor
@@ -13,31 +12,21 @@ from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
 from actors.uploader import AccountPort, FileReader
 from actors.uploader_core import MemoryJournal, UploadStats, upload_document
-from config.loader import settings_from_dict
 from storage.database import open_storage
 from storage.manifest import build_manifest
+from tests.actors.sim_helpers import Clock, sim_settings, stop_sim
 
 MIB = 1024 * 1024
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1_700_000_000.0
-
-    def __call__(self):
-        return self.now
 
 
 class Env:
     def __init__(self, tmp_path, db_url=None):
         self.tmp = tmp_path
-        self.clock = FakeClock()
+        self.clock = Clock()
         self.world = SimWorld(tmp_path / "sim", clock=self.clock)
         self.alice = self.world.create_user("Alice", username="alice", phone="+15550001111")
         self.dest = self.world.create_channel("Stash", username="stash_archive", admins=[self.alice.user_id])
-        self.settings = settings_from_dict(
-            {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
-            base_dir=tmp_path, env={})
+        self.settings = sim_settings(tmp_path)
         self.session = write_session_file(tmp_path / "sessions" / "alice", self.alice.auth_key)
         self.storage = open_storage(db_url or f"sqlite:///{tmp_path / 'stashd.db'}", clock=self.clock)
         factory = lambda: build_client(self.settings, self.session,  # noqa: E731
@@ -73,9 +62,7 @@ class Env:
         return sent, stats[0]
 
     def close(self):
-        pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        self.storage.close()
-        self.world.close()
+        stop_sim(self.storage, self.world)
 
 
 @pytest.fixture

@@ -10,47 +10,33 @@ from __future__ import annotations
 
 import os
 
-import pykka
 import pytest
 
-from actors.account import AccountActor
-from actors.telegram.client import build_client
-from actors.telegram.sim.local import LocalTransport
-from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
+from actors.telegram.sim.world import Fault, SimWorld, auth_key_id
 from actors.uploader import UploaderActor
 from actors.uploader_messages import UploadTransfer
 from actors.verifier import VerifierActor
 from actors.verifier_messages import GetVerifierStatus, Tick, VerifyNow
-from config.loader import settings_from_dict
 from config.schema import VerifySettings
 from storage import open_storage
 from storage.manifest import build_manifest, read_manifest, write_manifest
+from tests.actors.sim_helpers import Clock, sim_settings, start_sim_account, stop_sim
 
 pytestmark = pytest.mark.timeout(60)
 
 MIB = 1024 * 1024
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1_700_000_000.0
-
-    def __call__(self):
-        return self.now
-
-
 class Env:
     def __init__(self, tmp_path, db_url):
         self.tmp = tmp_path
-        self.clock = FakeClock()
+        self.clock = Clock()
         self.world = SimWorld(tmp_path / "sim", clock=self.clock)
         self.alice = self.world.create_user("Alice", username="alice", phone="+15550001111")
         self.bob = self.world.create_user("Bob", username="bob", phone="+15550002222")
         self.dest = self.world.create_channel("Stash", username="stash_archive",
                                               admins=[self.alice.user_id, self.bob.user_id])
-        self.settings = settings_from_dict(
-            {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
-            base_dir=tmp_path, env={})
+        self.settings = sim_settings(tmp_path)
         self.storage = open_storage(db_url, clock=self.clock)
         self.accounts = {name: self._account(name, user) for name, user in
                          (("alice", self.alice), ("bob", self.bob))}
@@ -62,11 +48,8 @@ class Env:
         self.verifier = self.start_verifier()
 
     def _account(self, name, user):
-        session = write_session_file(self.tmp / "sessions" / name, user.auth_key)
-        factory = lambda: build_client(self.settings, session,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(self.world))
-        return AccountActor.start(name, session, self.settings, self.storage, None, self.clock,
-                                  client_factory=factory)
+        return start_sim_account(name, user, tmp=self.tmp, world=self.world,
+                                 settings=self.settings, storage=self.storage, clock=self.clock)
 
     def start_verifier(self, **kw):
         return VerifierActor.start(self.storage, self.verify, accounts=lambda: dict(self.accounts),
@@ -102,9 +85,7 @@ class Env:
                    if n == name and (keys is None or k in keys))
 
     def close(self):
-        pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        self.storage.close()
-        self.world.close()
+        stop_sim(self.storage, self.world)
 
 
 @pytest.fixture

@@ -1,0 +1,35 @@
+"""Shared by the actor tests that run real AccountActors (real Telethon) over the
+in-process simulated Telegram: settings, starting one account, tearing down."""
+from __future__ import annotations
+
+import pykka
+
+from actors.account import AccountActor
+from actors.telegram.client import build_client
+from actors.telegram.sim.local import LocalTransport
+from actors.telegram.sim.world import write_session_file
+from config.loader import settings_from_dict
+from tests.telegram.sim_helpers import Clock  # noqa: F401  (the 1_700_000_000.0 clock these tests use)
+
+
+def sim_settings(tmp_path):
+    """Daemon settings in simulated-Telegram mode, state under tmp_path."""
+    return settings_from_dict(
+        {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
+        base_dir=tmp_path, env={})
+
+
+def start_sim_account(name, user, *, tmp, world, settings, storage, clock):
+    """An AccountActor for a sim user, its session file under tmp/sessions, talking
+    to world in-process through real Telethon."""
+    session = write_session_file(tmp / "sessions" / name, user.auth_key)
+    factory = lambda: build_client(settings, session,  # noqa: E731
+                                   transport_factory=lambda: LocalTransport(world))
+    return AccountActor.start(name, session, settings, storage, None, clock,
+                              client_factory=factory)
+
+
+def stop_sim(storage, world):
+    pykka.ActorRegistry.stop_all(block=True, timeout=10)
+    storage.close()
+    world.close()
