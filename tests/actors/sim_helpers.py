@@ -2,6 +2,8 @@
 in-process simulated Telegram: settings, starting one account, tearing down."""
 from __future__ import annotations
 
+import queue
+
 import pykka
 
 from actors.account import AccountActor
@@ -33,3 +35,29 @@ def stop_sim(storage, world):
     pykka.ActorRegistry.stop_all(block=True, timeout=10)
     storage.close()
     world.close()
+
+
+def sim_account_starter(world):
+    """A Daemon account_starter: real AccountActors talking to world in-process."""
+    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
+        factory = lambda: build_client(settings, session_path,  # noqa: E731
+                                       transport_factory=lambda: LocalTransport(world))
+        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
+                                  listener=listener, client_factory=factory)
+    return starter
+
+
+def uploaded_queue(monkeypatch) -> queue.Queue:
+    """A queue of transfer ids, put the moment storage marks one uploaded (no polling)."""
+    from storage.transfers import TransferStore
+
+    done: queue.Queue = queue.Queue()
+    original = TransferStore.mark_transfer_uploaded
+
+    def mark(self, transfer_id, **kw):
+        record = original(self, transfer_id, **kw)
+        done.put(transfer_id)
+        return record
+
+    monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
+    return done

@@ -11,16 +11,14 @@ import queue
 
 import pytest
 
-from actors.account import AccountActor
 from actors.admin import ctl
 from actors.admin.client import call as admin_call
 from actors.admin.protocol import AdminCommandError
 from actors.daemon import Daemon
-from actors.telegram.client import build_client
-from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import SimWorld, write_session_file
 from config import settings_from_dict
 from storage.transfers import TransferStore
+from tests.actors.sim_helpers import sim_account_starter, uploaded_queue
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,16 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def uploaded(monkeypatch):
     """Transfer ids, put the moment storage marks one uploaded (no polling)."""
-    done: queue.Queue = queue.Queue()
-    original = TransferStore.mark_transfer_uploaded
-
-    def mark(self, transfer_id, **kw):
-        record = original(self, transfer_id, **kw)
-        done.put(transfer_id)
-        return record
-
-    monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
-    return done
+    return uploaded_queue(monkeypatch)
 
 
 @pytest.fixture
@@ -80,13 +69,7 @@ def env(tmp_path, monkeypatch, db_url):
                    "cleanup_grace_seconds": 3600},
     }, base_dir=tmp_path, env={})
 
-    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
-        factory = lambda: build_client(settings, session_path,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(world))
-        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
-                                  listener=listener, client_factory=factory)
-
-    daemon = Daemon(settings, account_starter=starter, tick_seconds=0.05)
+    daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     daemon.start()
     yield daemon, world, channel, root, str(settings.admin.socket)
     daemon.stop()

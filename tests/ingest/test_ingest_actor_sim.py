@@ -13,14 +13,12 @@ import zipfile
 
 import pytest
 
-from actors.account import AccountActor
 from actors.admin.client import call as admin_call
 from actors.daemon import Daemon
-from actors.telegram.client import build_client
-from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import SimWorld, write_session_file
 from config import settings_from_dict
 from storage.ingest import IngestStore
+from tests.actors.sim_helpers import sim_account_starter
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -82,13 +80,7 @@ def make_env(tmp_path, db_url, mappings, *, scan_interval=3600.0):
                    "download_window": 4, "mappings": mappings},
     }, base_dir=tmp_path, env={})
 
-    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
-        factory = lambda: build_client(settings, session_path,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(world))
-        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
-                                  listener=listener, client_factory=factory)
-
-    daemon = Daemon(settings, account_starter=starter, tick_seconds=0.05)
+    daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     return daemon, world, poster, dest, src_a, src_b
 
 
@@ -193,13 +185,7 @@ def test_the_seeded_catalogue_every_naming_scheme(tmp_path, changes):
         "ingest": {"scan_interval_seconds": 3600, "scan_jitter_seconds": 0, "mappings": mappings},
     }, base_dir=tmp_path, env={})
 
-    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
-        factory = lambda: build_client(settings, session_path,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(world))
-        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
-                                  listener=listener, client_factory=factory)
-
-    daemon = Daemon(settings, account_starter=starter, tick_seconds=0.05)
+    daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     expected = samples.expected_sets(0.5)
     try:
         daemon.start()

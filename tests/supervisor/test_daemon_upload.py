@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 
 import pytest
 
-from actors.account import AccountActor
 from actors.admin.client import call as admin_call
 from actors.admin.protocol import AdminCommandError
 from actors.daemon import Daemon
-from actors.telegram.client import build_client
-from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import SimWorld, write_session_file
 from config import settings_from_dict
-from storage.transfers import TransferStore
+from tests.actors.sim_helpers import sim_account_starter, uploaded_queue
 
 MIB = 1024 * 1024
 
@@ -25,16 +21,7 @@ MIB = 1024 * 1024
 @pytest.fixture
 def uploaded(monkeypatch):
     """A queue of transfer ids, put the moment storage marks one uploaded (no polling)."""
-    done: queue.Queue = queue.Queue()
-    original = TransferStore.mark_transfer_uploaded
-
-    def mark(self, transfer_id, **kw):
-        record = original(self, transfer_id, **kw)
-        done.put(transfer_id)
-        return record
-
-    monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
-    return done
+    return uploaded_queue(monkeypatch)
 
 
 def build(tmp_path, db_url, *, users=("alice", "bob"), configured=None):
@@ -58,14 +45,9 @@ def build(tmp_path, db_url, *, users=("alice", "bob"), configured=None):
         "upload": {"roots": [str(root)], "destination": "stash_archive", "uploaders": 2, "window": 4},
     }, base_dir=tmp_path, env={})
 
-    def starter(name, session_path, settings, storage, metrics, clock, *, listener=None):
-        factory = lambda: build_client(settings, session_path,  # noqa: E731
-                                       transport_factory=lambda: LocalTransport(world))
-        return AccountActor.start(name, session_path, settings, storage, metrics, clock,
-                                  listener=listener, client_factory=factory)
-
     # 1 MiB split limit: a 2.5 MiB file is "over the account limit" without uploading GBs
-    daemon = Daemon(settings, account_starter=starter, upload_limit_bytes=MIB, tick_seconds=0.05)
+    daemon = Daemon(settings, account_starter=sim_account_starter(world), upload_limit_bytes=MIB,
+                    tick_seconds=0.05)
     return daemon, world, users, channel, root, settings
 
 
