@@ -158,6 +158,12 @@ def all_in_destination(server, wanted: dict[str, samples.ArchiveSet]):
     return ledger if all(sha in ledger for sha in wanted) else None
 
 
+def all_indexed(store, wanted) -> bool:
+    """Every wanted package's phase-2 index is done (indexed or failed, not pending)."""
+    return all((m := store.get_package_meta(sha)) is not None and m.index_state != "pending"
+               for sha in wanted)
+
+
 def assert_exactly_once(server, wanted: dict[str, samples.ArchiveSet]) -> dict[str, int]:
     """Every wanted archive in the destination exactly once, nothing unexpected, and no
     document sent twice."""

@@ -63,9 +63,7 @@ def test_crash_at_each_stage_loses_and_duplicates_nothing(tmp_path, request, fau
                          proc=proc)
             store = h.open_store(db_url)
             try:
-                h.wait_until(lambda: all(
-                    (m := store.get_package_meta(sha)) is not None and m.index_state != "pending"
-                    for sha in wanted), 30, "every package indexed after restart", proc=proc)
+                h.wait_until(lambda: h.all_indexed(store, wanted), 30, "every package indexed after restart", proc=proc)
             finally:
                 store.close()
             assert stop(proc) == 0

@@ -31,9 +31,7 @@ def test_daemon_ingests_every_seeded_archive_exactly_once(tmp_path, db_url):
             try:
                 h.wait_until(lambda: {"duplicate", "incomplete_set"} <= set(store.skips_by_reason()),
                              30, "duplicate and incomplete_set skips recorded", proc=proc)
-                h.wait_until(lambda: all(
-                    (m := store.get_package_meta(sha)) is not None and m.index_state != "pending"
-                    for sha in wanted), 30, "every package indexed", proc=proc)
+                h.wait_until(lambda: h.all_indexed(store, wanted), 30, "every package indexed", proc=proc)
                 check_records(store, wanted)
             finally:
                 store.close()
