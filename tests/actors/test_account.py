@@ -10,7 +10,6 @@ import threading
 import pykka
 import pytest
 
-from config.loader import settings_from_dict
 from actors.account import AccountActor
 from actors.account_messages import (
     DeletedResult,
@@ -40,18 +39,11 @@ from actors.telegram.errors import (
 from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
 from storage.database import open_storage
+from tests.actors.sim_helpers import Clock, sim_settings, stop_sim
 
 T = 20  # every ask is bounded
 KIB, MIB = 1024, 1024 * 1024
 MARGIN = 64 * MIB
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1_700_000_000.0
-
-    def __call__(self):
-        return self.now
 
 
 class Listener(pykka.ThreadingActor):
@@ -69,7 +61,7 @@ class Env:
 
     def __init__(self, tmp_path, db_url):
         self.tmp = tmp_path
-        self.clock = FakeClock()
+        self.clock = Clock()
         self.world = SimWorld(tmp_path / "sim")
         w = self.world
         self.alice = w.create_user("Alice", username="alice", phone="+15550001111")
@@ -79,10 +71,7 @@ class Env:
         self.forum = w.create_channel("Forum", forum=True, members=users)
         self.dest = w.create_channel("Stash", username="stash_archive", admins=users)
         self.hidden = w.create_channel("Hidden", members=[self.bob.user_id])
-        self.settings = settings_from_dict(
-            {"daemon": {"state_dir": str(tmp_path)}, "telegram": {"mode": "simulated"}},
-            base_dir=tmp_path, env={},
-        )
+        self.settings = sim_settings(tmp_path)
         self.sessions = {
             "alice": write_session_file(tmp_path / "sessions" / "alice", self.alice.auth_key),
             "bob": write_session_file(tmp_path / "sessions" / "bob", self.bob.auth_key),
@@ -106,9 +95,7 @@ class Env:
         return [r for r in self.world.request_log if r[0] == key and (name is None or r[1] == name)]
 
     def close(self):
-        pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        self.storage.close()
-        self.world.close()
+        stop_sim(self.storage, self.world)
 
 
 @pytest.fixture
