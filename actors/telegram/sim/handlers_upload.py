@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
+import struct
 
 from telethon.tl import functions, types
 
@@ -15,6 +16,71 @@ MAX_PART = 512 * 1024
 SMALL_FILE_MAX = 10 * 1024 * 1024
 MAX_SMALL_PARTS = 4000
 FILE_CHUNK = 1024 * 1024
+
+
+# saveBigFilePart / saveFilePart on the wire: constructor, file_id, file_part
+# (, file_total_parts), then the part as TL bytes (a 1- or 4-byte length, the
+# bytes, zero padding to a multiple of 4).  Both sides handle these two by hand
+# so the part is never copied: the client sends it as a chunk of its own, the
+# server takes it as a view of the frame it arrived in.
+_BIG_HEAD = struct.Struct("<Iqii")
+_SMALL_HEAD = struct.Struct("<Iqi")
+_BIG_ID = functions.upload.SaveBigFilePartRequest.CONSTRUCTOR_ID
+_SMALL_ID = functions.upload.SaveFilePartRequest.CONSTRUCTOR_ID
+
+
+def _tl_bytes_prefix(size: int) -> tuple[bytes, bytes]:
+    """TL bytes framing of ``size`` bytes: (length prefix, padding)."""
+    if size < 254:
+        return bytes((size,)), bytes(-(size + 1) % 4)
+    return bytes((254,)) + size.to_bytes(3, "little"), bytes(-size % 4)
+
+
+def part_request_chunks(request) -> tuple | None:
+    """``bytes(request)`` of a save-part request as (head, part, padding), the part
+    itself not copied; None for any other request."""
+    kind = type(request)
+    if kind is functions.upload.SaveBigFilePartRequest:
+        head = _BIG_HEAD.pack(_BIG_ID, request.file_id, request.file_part, request.file_total_parts)
+    elif kind is functions.upload.SaveFilePartRequest:
+        head = _SMALL_HEAD.pack(_SMALL_ID, request.file_id, request.file_part)
+    else:
+        return None
+    data = request.bytes
+    if not isinstance(data, bytes):
+        return None   # str or a mutable buffer: Telethon's own serialization decides
+    prefix, padding = _tl_bytes_prefix(len(data))
+    return (head + prefix, data, padding) if padding else (head + prefix, data)
+
+
+def decode_part_request(data):
+    """A save-part request read straight off ``data`` with ``bytes`` a memoryview into
+    it (no copy); None for any other request, or anything irregular (the general
+    decoder then judges it)."""
+    view = memoryview(data)
+    if len(view) < _SMALL_HEAD.size + 4:   # the shortest: saveFilePart of 1 byte
+        return None
+    (constructor,) = struct.unpack_from("<I", view)
+    if constructor == _BIG_ID and len(view) >= _BIG_HEAD.size + 4:
+        _, file_id, part, total = _BIG_HEAD.unpack_from(view)
+        offset = _BIG_HEAD.size
+    elif constructor == _SMALL_ID:
+        _, file_id, part = _SMALL_HEAD.unpack_from(view)
+        offset = _SMALL_HEAD.size
+    else:
+        return None
+    size = view[offset]
+    if size < 254:
+        start = offset + 1
+    else:
+        size = int.from_bytes(view[offset + 1:offset + 4], "little")
+        start = offset + 4
+    if start + size + len(_tl_bytes_prefix(size)[1]) > len(view):
+        return None
+    part_bytes = view[start:start + size]
+    if constructor == _BIG_ID:
+        return functions.upload.SaveBigFilePartRequest(file_id, part, total, part_bytes)
+    return functions.upload.SaveFilePartRequest(file_id, part, part_bytes)
 
 
 def valid_part_size(size: int) -> bool:

@@ -5,7 +5,9 @@ the ``disconnected`` future, keep-alive pings, the auth-key callback) so
 TelegramClient's own connect(), _call() (flood-wait handling, entity caching),
 update loop and upload/download code run unchanged. Each request is serialized
 with ``bytes(request)``, handed to a transport (``await transport.invoke(
-auth_key_id, request_name, data) -> bytes``) and its answer parsed back with
+auth_key_id, request_name, data) -> bytes``; a transport with
+``accepts_chunks`` gets a save-part request as chunks, its part not copied into
+one buffer with the TL header) and its answer parsed back with
 ``request.read_result``. Server errors go through Telethon's own
 ``rpc_message_to_error``. A ConnectionError from the transport behaves like a
 dropped TCP connection: the sender reconnects (new transport) in the
@@ -29,8 +31,14 @@ from telethon.tl.types import RpcError
 
 from .errors import SimRpcError
 from .handlers import unwrap
+from .handlers_upload import part_request_chunks
 
 MAX_RESENDS = 10
+
+
+def serialized(request) -> tuple:
+    """``bytes(request)`` as a tuple of chunks (a save-part request's part stays its own chunk)."""
+    return part_request_chunks(request) or (bytes(request),)
 
 
 def request_name(request) -> str:
@@ -162,9 +170,9 @@ class SimSender(MTProtoSender):
         loop = helpers.get_running_loop()
         if not utils.is_list_like(request):
             future = loop.create_future()
-            self._spawn(self._run(request, bytes(request), future), [future])
+            self._spawn(self._run(request, serialized(request), future), [future])
             return future
-        items = [(r, bytes(r), loop.create_future()) for r in request]
+        items = [(r, serialized(r), loop.create_future()) for r in request]
         if ordered:
             self._spawn(self._run_ordered(items), [f for _r, _d, f in items])
         else:
@@ -181,14 +189,19 @@ class SimSender(MTProtoSender):
         for request, data, future in items:
             await self._run(request, data, future)
 
-    async def _run(self, request, data: bytes, future: asyncio.Future):
+    async def _run(self, request, chunks: tuple, future: asyncio.Future):
         name = request_name(request)
+        joined = None
         try:
             for _ in range(MAX_RESENDS):
                 await self._ready.wait()
                 transport = self._transport
                 if not self._user_connected or transport is None:
                     break
+                if getattr(transport, "accepts_chunks", False):
+                    data = chunks
+                else:
+                    data = joined = joined if joined is not None else b"".join(chunks)
                 try:
                     body = await transport.invoke(self.auth_key_id, name, data)
                 except SimRpcError as e:

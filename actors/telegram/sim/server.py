@@ -1,17 +1,20 @@
 """The standalone simulated Telegram: ``SimWorld(state_dir)`` behind a Unix socket.
 
-Protocol (see ``remote.py``): frames of a 4-byte big-endian length and a
-msgpack map.  ``{"op": "invoke", "id", "key", "name", "data"}`` runs one TL
-request through ``SimWorld.handle_bytes`` and is answered by
-``{"id", "ok": True, "data"}`` or ``{"id", "ok": False, "code", "message"}``.
+Protocol (see ``remote.py``): frames of a 4-byte big-endian length, a msgpack
+map and an optional raw payload.  ``{"op": "invoke", "id", "key", "name"}`` with
+the serialized TL request as payload runs it through ``SimWorld.handle_bytes``
+and is answered by ``{"id", "ok": True}`` with the TL result as payload, or
+``{"id", "ok": False, "code", "message"}``.
 Control ops (``seed``, ``inspect``, ``delete``, ``fault``, ``post``, ``ping``)
 are answered by ``{"id", "ok": True, "result"}`` or ``{"id", "ok": False,
 "message"}``.  Requests on one connection run concurrently and may be answered
 out of order.  Control calls run in worker threads so the loop stays responsive;
 per-request latency and bandwidth faults are ``asyncio.sleep``s, so requests of
 many connections overlap while each one still takes its simulated time.  TL
-requests themselves run on the loop (``inline_invokes``; they are short), control
-operations in worker threads.
+requests themselves run on the loop (``inline_invokes``; they are short), as
+soon as their frame is received and on the receive buffer itself (a 512 KiB part
+goes from the socket to its file with no copy in between), control operations
+in worker threads.
 """
 from __future__ import annotations
 
@@ -29,8 +32,7 @@ from typing import Any, Callable
 from loguru import logger
 
 from actors.telegram.sim.errors import SimRpcError
-from actors.telegram.sim.remote import (MAX_FRAME_BYTES, FrameError, SimControl, _widen_send_buffer, encode_frame,
-                                        read_frame)
+from actors.telegram.sim.remote import MAX_FRAME_BYTES, FrameConnection, FrameError, SimControl
 
 SOCKET_NAME = "sim.sock"
 PID_NAME = "sim.pid"
@@ -246,11 +248,12 @@ class SimServer:
         # Control ops (seed, inspect, post, ...) still run in worker threads.
         self.inline_invokes = inline_invokes
         self._executor: ThreadPoolExecutor | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
         self._socket_inode: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[FrameConnection, set[asyncio.Task]] = {}   # -> its requests in flight
         self._busy_until: dict[Any, float] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -273,8 +276,10 @@ class SimServer:
         if self._world is None:
             self._world = await self._loop.run_in_executor(self._executor, _open_world, self.state_dir)
         self.control = WorldControl(self._world)
-        sock = self._bind_socket()
-        self._server = await asyncio.start_unix_server(self._serve_connection, sock=sock)
+        self._listener = self._bind_socket()
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self._accepting = self._loop.create_task(self._accept(), name="sim-accept")
         self.pid_path.write_text(f"{os.getpid()}\n")
         logger.bind(actor="sim").info("simulated Telegram serving {} on {}", self.state_dir, self.socket_path)
 
@@ -316,16 +321,20 @@ class SimServer:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
             self._remove_socket()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        tasks = []
+        for conn in list(self._connections):
+            tasks.extend(self._close_connection(conn))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=False)
             self._executor = None
@@ -378,80 +387,109 @@ class SimServer:
 
     # -- connections -------------------------------------------------------
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(asyncio.current_task())
-        _widen_send_buffer(writer)   # replies of 1 MiB (getFile) in one send
-        requests: set[asyncio.Task] = set()
-        write_lock = asyncio.Lock()  # one reply at a time into the transport (see RemoteTransport.invoke)
-        try:
-            while True:
-                try:
-                    message = await read_frame(reader, self.max_frame_bytes)
-                except FrameError as exc:
-                    writer.write(encode_frame({"id": None, "ok": False, "code": 400, "message": str(exc)}))
-                    break
-                if message is None:
-                    break
-                task = asyncio.create_task(self._handle(message, writer, write_lock))
-                requests.add(task)
-                task.add_done_callback(requests.discard)
-        except (ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(asyncio.current_task())
-            for task in list(requests):
-                task.cancel()
-            if requests:
-                await asyncio.gather(*requests, return_exceptions=True)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = await self._loop.sock_accept(self._listener)
+            except OSError as exc:   # e.g. out of file descriptors: keep serving the others
+                logger.bind(actor="sim").warning("sim accept failed: {}", exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn = FrameConnection(sock, self._on_frame, self._on_lost, max_frame_bytes=self.max_frame_bytes)
+            self._connections[conn] = set()
 
-    async def _handle(self, message: dict, writer: asyncio.StreamWriter,
-                      write_lock: asyncio.Lock | None = None) -> None:
-        request_id = message.get("id")
+    def _close_connection(self, conn: FrameConnection, *, flush: bool = False) -> list[asyncio.Task]:
+        """Close ``conn`` and cancel its requests in flight; returns them."""
+        conn.close(flush=flush)
+        tasks = list(self._connections.pop(conn, ()))
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def _on_lost(self, conn: FrameConnection, exc: Exception | None) -> None:
+        if isinstance(exc, FrameError):   # the stream cannot be trusted any more: say why, then close
+            with contextlib.suppress(ConnectionError):
+                conn.send({"id": None, "ok": False, "code": 400, "message": str(exc)})
+        self._close_connection(conn, flush=True)
+
+    def _on_frame(self, conn: FrameConnection, message: dict, payload: memoryview) -> None:
+        """One request, as soon as its frame is in; ``payload`` lives only during this call."""
+        op = message.get("op")
+        if op == "invoke" and self.inline_invokes:
+            try:
+                outcome = self._process(*self._invoke_args(message), payload)
+            except Exception as exc:   # a bug around the request (faults, pacing): answer, never hang
+                logger.bind(actor="sim").opt(exception=exc).error("sim failed on {}", message.get("name"))
+                outcome = ({"ok": False, "code": 500, "message": f"INTERNAL_SIM_ERROR {type(exc).__name__}"},
+                           b"", 0.0, 0.0, None)
+            self._answer(conn, message, outcome)
+            return
+        data = bytes(payload) if op == "invoke" else b""
+        task = self._loop.create_task(self._handle(conn, message, data))
+        requests = self._connections.get(conn)
+        if requests is None:   # closed meanwhile
+            task.cancel()
+            return
+        requests.add(task)
+        task.add_done_callback(requests.discard)
+
+    @staticmethod
+    def _invoke_args(message: dict) -> tuple[int, str]:
+        return int(message.get("key") or 0), str(message.get("name") or "")
+
+    async def _handle(self, conn: FrameConnection, message: dict, data: bytes) -> None:
         op = message.get("op")
         if op == "invoke":
-            reply = await self._invoke(message, writer)
-        else:
-            reply = await self._control(op, message)
-        if reply is not None and not writer.is_closing():
-            reply["id"] = request_id
-            async with write_lock or contextlib.nullcontext():
-                if writer.is_closing():
-                    return
-                writer.write(encode_frame(reply))
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
+            outcome = await self._in_worker(self._process, *self._invoke_args(message), data)
+            self._answer(conn, message, outcome)
+            return
+        reply = await self._control(op, message)
+        self._send(conn, message.get("id"), reply)
+        with contextlib.suppress(ConnectionError):
+            await conn.drain()
+
+    def _answer(self, conn: FrameConnection, message: dict, outcome) -> None:
+        """Send an invoke's reply now, or after its simulated latency and transfer time."""
+        if outcome is None:
+            logger.bind(actor="sim").debug("dropping connection at {}", message.get("name"))
+            self._close_connection(conn)
+            return
+        reply, result, latency, transfer, account = outcome
+        delay = latency + self._pace(account, transfer)
+        if delay <= 0:
+            self._send(conn, message.get("id"), reply, result)
+            return
+        requests = self._connections.get(conn)
+        if requests is None:
+            return
+        task = self._loop.create_task(self._reply_later(conn, message.get("id"), reply, result, delay))
+        requests.add(task)
+        task.add_done_callback(requests.discard)
+
+    async def _reply_later(self, conn: FrameConnection, request_id: Any, reply: dict, result: bytes,
+                           delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._send(conn, request_id, reply, result)
+        with contextlib.suppress(ConnectionError):
+            await conn.drain()
+
+    @staticmethod
+    def _send(conn: FrameConnection, request_id: Any, reply: dict, result: bytes = b"") -> None:
+        if conn.closed:
+            return
+        reply["id"] = request_id
+        with contextlib.suppress(ConnectionError):
+            conn.send(reply, (result,) if result else ())
 
     async def _in_worker(self, fn: Callable, *args: Any) -> Any:
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
-    async def _invoke(self, message: dict, writer: asyncio.StreamWriter) -> dict | None:
-        key = int(message.get("key") or 0)
-        name = str(message.get("name") or "")
-        data = message.get("data") or b""
-        if self.inline_invokes:
-            outcome = self._process(key, name, data)
-        else:
-            outcome = await self._in_worker(self._process, key, name, data)
-        if outcome is None:
-            logger.bind(actor="sim").debug("dropping connection at {}", name)
-            writer.transport.abort()
-            return None
-        reply, latency, transfer, account = outcome
-        delay = latency + self._pace(account, transfer)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return reply
+    def _process(self, key: int, name: str, data) -> tuple[dict, bytes, float, float, Any] | None:
+        """The drop check, the request itself and its simulated cost (on the loop, or in a
+        worker thread when ``inline_invokes`` is off).  ``data`` is not kept.
 
-    def _process(self, key: int, name: str, data: bytes) -> tuple[dict, float, float, Any] | None:
-        """In a worker thread: drop check, the request itself and its simulated cost.
-
-        Returns None for a dropped connection, else (reply, latency seconds,
-        transfer seconds at the account's bandwidth cap, account).
+        Returns None for a dropped connection, else (reply map, TL result, latency
+        seconds, transfer seconds at the account's bandwidth cap, account).
         """
         world = self._world
         if world.should_drop(key, name):
@@ -464,15 +502,15 @@ class SimServer:
             logger.bind(actor="sim").opt(exception=exc).error("sim failed on {}", name)
             reply, result = {"ok": False, "code": 500, "message": f"INTERNAL_SIM_ERROR {type(exc).__name__}"}, b""
         else:
-            reply = {"ok": True, "data": result}
+            reply = {"ok": True}
         nbytes = len(data) + len(result)
         total = world.delay_for(key, name, nbytes)
         if total <= 0:
-            return reply, 0.0, 0.0, None
+            return reply, result, 0.0, 0.0, None
         account = world.user_for_key(key) if hasattr(world, "user_for_key") else key
         transfer = sum(nbytes / float(f.bytes_per_second) for f in getattr(world, "faults", ())
                        if f.kind == "bandwidth" and f.matches(name, account))
-        return reply, max(0.0, total - transfer), transfer, (account if account is not None else key)
+        return reply, result, max(0.0, total - transfer), transfer, (account if account is not None else key)
 
     def _pace(self, account: Any, transfer: float) -> float:
         """Seconds until a transfer of ``transfer`` seconds finishes on the account's link.

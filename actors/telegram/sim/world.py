@@ -23,6 +23,7 @@ from telethon.crypto import AuthKey
 from .errors import SimRpcError
 from .handlers import decode, encode, handle, unwrap
 from .handlers_build import Ctx
+from .handlers_upload import decode_part_request
 from .state import CHANNEL_ID_BASE, DOCUMENT_ID_BASE, PHOTO_ID_BASE, USER_ID_BASE, SimState
 from .state_faults import Fault, FaultSet
 
@@ -110,10 +111,11 @@ class SimWorld:
             self._state.close()
 
     # -- the wire entry point ------------------------------------------------------
-    def handle_bytes(self, auth_key_id: int, request: bytes) -> bytes:
-        """Answer one serialized TL request; raises SimRpcError like Telegram would."""
+    def handle_bytes(self, auth_key_id: int, request) -> bytes:
+        """Answer one serialized TL request (any bytes-like object, not kept after the
+        call); raises SimRpcError like Telegram would."""
         try:
-            obj = unwrap(decode(request))
+            obj = decode_part_request(request) or unwrap(decode(request))
         except Exception as exc:  # garbage in: a clean 400, never a crash
             raise SimRpcError(400, "INPUT_REQUEST_INVALID") from exc
         name = type(obj).__name__
