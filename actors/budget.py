@@ -94,7 +94,7 @@ class BudgetActor(pykka.ThreadingActor):
             return
         self._reply_to[msg.request_id] = msg.reply_to
         try:
-            granted = self.budget.reserve(msg.request_id, msg.account, msg.nbytes, msg.kind)
+            granted = self.budget.reserve(msg.request_id, msg.account, msg.nbytes, msg.kind, msg.slots)
         except BudgetError as exc:
             del self._reply_to[msg.request_id]
             self._log.bind(account=msg.account).warning("refused {}: {}", msg, exc)

@@ -3,9 +3,11 @@
 :class:`Budget` grants leases for two kinds of request:
 
 ``"part"``
-    One upload chunk in flight.  Holds ``nbytes`` of the global byte budget
-    (the bound on buffered memory), one global slot and one slot of its
-    account, until released.  Parts never count against quotas.
+    Upload chunks in flight: ``slots`` of them (one by default; an uploader
+    sending a few chunks in one call asks for them in one lease).  Holds
+    ``nbytes`` of the global byte budget (the bound on buffered memory),
+    ``slots`` global slots and ``slots`` slots of its account, until released.
+    Parts never count against quotas.
 ``"file"``
     Permission to start one Telegram document of ``nbytes``.  When granted it
     charges the account's hourly and daily quotas with one file and the whole
@@ -14,8 +16,9 @@
     It holds no bytes or slots; quota usage is never given back.
 
 Both kinds wait while their account cools down after a FloodWait.  A request
-that could never be granted (a part above the byte limit, a file above the
-account's byte quota, a zero file quota) is refused with
+that could never be granted (a part above the byte limit or with more slots
+than an account has, a file above the account's byte quota, a zero file
+quota) is refused with
 :class:`UnsatisfiableRequestError` instead of waiting forever.
 
 Fairness.  Each account has its own FIFO queue per kind: nothing overtakes an
@@ -73,6 +76,7 @@ class Lease:
     nbytes: int
     kind: str
     granted_at: float
+    slots: int = 1          # chunks this part lease covers (0 for a file)
 
 
 @dataclass(frozen=True)
@@ -113,13 +117,14 @@ class _Request:
     nbytes: int
     kind: str
     queued_at: float
+    slots: int = 1
 
 
 @dataclass
 class _Account:
     parts: deque = field(default_factory=deque)     # waiting part requests, FIFO
     files: deque = field(default_factory=deque)     # waiting file requests, FIFO
-    in_flight: int = 0
+    in_flight: int = 0                              # part slots held
     reserved: int = 0
     cooldown_until: float = 0.0
     usage: deque = field(default_factory=deque)     # (granted_at, nbytes) of file grants
@@ -148,16 +153,24 @@ class Budget:
 
     # ------------------------------------------------------------------ requests
 
-    def reserve(self, request_id: Hashable, account: str, nbytes: int, kind: str = "part") -> list[Lease]:
-        """Queue a request; returns newly granted leases (this one if it fits now)."""
+    def reserve(self, request_id: Hashable, account: str, nbytes: int, kind: str = "part",
+                slots: int = 1) -> list[Lease]:
+        """Queue a request; returns newly granted leases (this one if it fits now).
+
+        ``slots``: how many chunks a part lease covers (each takes a global and
+        an account slot); a file request takes none, whatever is passed.
+        """
         if kind not in KINDS:
             raise InvalidRequestError(f"unknown budget kind {kind!r}; expected one of {KINDS}")
         if not isinstance(nbytes, int) or nbytes < 0:
             raise InvalidRequestError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        if not isinstance(slots, int) or slots < 1:
+            raise InvalidRequestError(f"slots must be a positive int, got {slots!r}")
         if request_id in self._by_request:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_satisfiable(account, nbytes, kind)
-        req = _Request(request_id, account, nbytes, kind, self._clock())
+        slots = slots if kind == "part" else 0
+        self._check_satisfiable(account, nbytes, kind, slots)
+        req = _Request(request_id, account, nbytes, kind, self._clock(), slots)
         acct = self._account(account)
         if kind == "part":
             if not acct.parts:
@@ -176,10 +189,10 @@ class Budget:
         del self._by_request[lease.request_id]
         if lease.kind == "part":
             acct = self._accounts[lease.account]
-            acct.in_flight -= 1
+            acct.in_flight -= lease.slots
             acct.reserved -= lease.nbytes
             self.reserved_bytes -= lease.nbytes
-            self.slots_in_use -= 1
+            self.slots_in_use -= lease.slots
         return self._pump()
 
     def cancel(self, request_id: Hashable) -> list[Lease]:
@@ -267,11 +280,15 @@ class Budget:
             acct = self._accounts[name] = _Account()
         return acct
 
-    def _check_satisfiable(self, account: str, nbytes: int, kind: str) -> None:
+    def _check_satisfiable(self, account: str, nbytes: int, kind: str, slots: int) -> None:
         if kind == "part":
             if nbytes > self.limit_bytes:
                 raise UnsatisfiableRequestError(
                     f"part of {nbytes} bytes exceeds the budget limit of {self.limit_bytes} bytes")
+            if slots > min(self.per_account_slots, self.global_slots):
+                raise UnsatisfiableRequestError(
+                    f"part lease of {slots} slots exceeds the {self.per_account_slots} per account "
+                    f"/ {self.global_slots} global slots")
             return
         q = self._quotas.get(account)
         if q is None:
@@ -309,7 +326,8 @@ class Budget:
         return True
 
     def _part_own_ok(self, acct: _Account, now: float) -> bool:
-        return acct.cooldown_until <= now and acct.in_flight < self.per_account_slots
+        return (acct.cooldown_until <= now
+                and acct.in_flight + acct.parts[0].slots <= self.per_account_slots)
 
     def _pump(self) -> list[Lease]:
         now = self._clock()
@@ -323,7 +341,8 @@ class Budget:
                 break
             acct = self._accounts[turn]
             head = acct.parts[0]
-            if self.reserved_bytes + head.nbytes > self.limit_bytes or self.slots_in_use >= self.global_slots:
+            if (self.reserved_bytes + head.nbytes > self.limit_bytes
+                    or self.slots_in_use + head.slots > self.global_slots):
                 break  # capacity is held for the account whose turn it is
             acct.parts.popleft()
             granted.append(self._grant(head, now))
@@ -334,13 +353,13 @@ class Budget:
 
     def _grant(self, req: _Request, now: float) -> Lease:
         lease = Lease(f"{self._id_prefix}-{next(self._ids)}", req.request_id, req.account,
-                      req.nbytes, req.kind, now)
+                      req.nbytes, req.kind, now, req.slots)
         acct = self._accounts[req.account]
         if req.kind == "part":
-            acct.in_flight += 1
+            acct.in_flight += req.slots
             acct.reserved += req.nbytes
             self.reserved_bytes += req.nbytes
-            self.slots_in_use += 1
+            self.slots_in_use += req.slots
         else:
             acct.usage.append((now, req.nbytes))
         self._leases[lease.lease_id] = lease

@@ -21,9 +21,11 @@ class ReserveBudget:
     nbytes: int
     kind: str = "part"  # "part" | "file", see actors.budget_core
     reply_to: Any = field(default=None, repr=False, compare=False)
+    slots: int = 1      # chunks one part lease covers (a few chunks sent in one call)
 
     def __str__(self) -> str:
-        return f"ReserveBudget({self.request_id} {self.kind} {self.nbytes}B for {self.account})"
+        slots = f" x{self.slots}" if self.slots != 1 else ""
+        return f"ReserveBudget({self.request_id} {self.kind}{slots} {self.nbytes}B for {self.account})"
 
 
 @dataclass(frozen=True)

@@ -194,3 +194,36 @@ def test_snapshot_to_dict_and_lease_ids_unique_across_instances(clock):
 def test_invalid_construction():
     with pytest.raises(ValueError, match="limit_bytes must be positive"):
         Budget(0, 1, 1)
+
+
+def test_a_part_lease_of_several_slots_takes_them_all(clock):
+    b = Budget(100, global_slots=6, per_account_slots=4, clock=clock)
+    [four] = b.reserve("a4", "a", 40, slots=4)
+    assert four.slots == 4 and b.slots_in_use == 4 and b.reserved_bytes == 40
+    assert b.reserve("a1", "a", 10) == []            # a's 4 slots are all taken by one lease
+    assert ids(b.reserve("b2", "b", 20, slots=2)) == ["b2"]
+    assert b.reserve("b1", "b", 1) == []             # global slots (6) taken
+    snap = {s.account: s for s in b.snapshot().accounts}
+    assert (snap["a"].parts_in_flight, snap["b"].parts_in_flight) == (4, 2)
+    assert ids(b.release(four.lease_id)) == ["a1", "b1"]
+    assert b.slots_in_use == 4 and b.reserved_bytes == 31
+
+
+def test_a_several_slot_request_waits_in_fifo_order_for_all_its_slots(clock):
+    b = Budget(100, global_slots=8, per_account_slots=4, clock=clock)
+    [one] = b.reserve("a1", "a", 1)
+    assert b.reserve("a4", "a", 4, slots=4) == []   # needs the whole window: waits
+    assert b.reserve("a1b", "a", 1) == []            # FIFO: no overtaking the larger head
+    [four] = b.release(one.lease_id)
+    assert four.request_id == "a4" and b.slots_in_use == 4
+    assert ids(b.release(four.lease_id)) == ["a1b"]
+
+
+def test_more_slots_than_an_account_has_is_refused(clock):
+    b = Budget(100, global_slots=8, per_account_slots=4, clock=clock)
+    with pytest.raises(UnsatisfiableRequestError, match="5 slots"):
+        b.reserve("x", "a", 5, slots=5)
+    with pytest.raises(InvalidRequestError, match="slots"):
+        b.reserve("y", "a", 5, slots=0)
+    [f] = b.reserve("f", "a", 5, kind="file", slots=3)   # files hold no slots
+    assert f.slots == 0 and b.slots_in_use == 0
