@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sqlite3
+from collections import OrderedDict
 from pathlib import Path
 
 SCHEMA = """
@@ -87,6 +88,7 @@ class SimState:
         )
         self.db.row_factory = sqlite3.Row
         self._key_users: dict[int, int | None] = {}   # auth key id -> user id (cleared on rollback)
+        self._upload_fds: OrderedDict[tuple[int, int], int] = OrderedDict()   # (owner, file id) -> open fd
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -99,6 +101,8 @@ class SimState:
         self.secret = bytes.fromhex(secret)
 
     def close(self) -> None:
+        while self._upload_fds:
+            os.close(self._upload_fds.popitem()[1])
         self.db.close()
 
     def _add_later_columns(self) -> None:
@@ -240,16 +244,35 @@ class SimState:
     def upload_path(self, owner_id: int, file_id: int) -> Path:
         return self.parts_dir / f"{owner_id}_{signed64(file_id)}"
 
-    def save_part(self, owner_id: int, file_id: int, part: int, total: int,
-                  data: bytes, now: float) -> None:
-        fd = os.open(self.upload_path(owner_id, file_id), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            view, offset = memoryview(data), part * self.PART_SLOT
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
-        finally:
+    OPEN_UPLOADS = 16   # upload files kept open between parts (least recently written closed first)
+
+    def _upload_fd(self, owner_id: int, file_id: int) -> int:
+        key = (owner_id, signed64(file_id))
+        fd = self._upload_fds.get(key)
+        if fd is not None:
+            self._upload_fds.move_to_end(key)
+            return fd
+        fd = os.open(self.upload_path(owner_id, file_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._upload_fds[key] = fd
+        if len(self._upload_fds) > self.OPEN_UPLOADS:
+            os.close(self._upload_fds.popitem(last=False)[1])
+        return fd
+
+    def _forget_upload(self, owner_id: int, file_id: int) -> None:
+        """Close the upload's file and remove its name (its document, if any, is a link of its own)."""
+        fd = self._upload_fds.pop((owner_id, signed64(file_id)), None)
+        if fd is not None:
             os.close(fd)
+        self.upload_path(owner_id, file_id).unlink(missing_ok=True)
+
+    def save_part(self, owner_id: int, file_id: int, part: int, total: int,
+                  data, now: float) -> None:
+        """Write one part (any bytes-like object) at its slot and record it."""
+        fd = self._upload_fd(owner_id, file_id)
+        view, offset = memoryview(data), part * self.PART_SLOT
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
         self.run(
             "INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size, created)"
             " VALUES(?,?,?,?,?,?)",
@@ -265,7 +288,7 @@ class SimState:
 
     def drop_parts(self, owner_id: int, file_id: int) -> None:
         self.run("DELETE FROM parts WHERE owner_id=? AND file_id=?", owner_id, signed64(file_id))
-        self.upload_path(owner_id, file_id).unlink(missing_ok=True)
+        self._forget_upload(owner_id, file_id)
 
     def prune_parts(self, older_than: float) -> int:
         """Forget parts older than ``older_than``; an upload left with no part loses its file."""
@@ -275,7 +298,7 @@ class SimState:
         self.run("DELETE FROM parts WHERE created<?", older_than)
         for row in rows:
             if self.one("SELECT 1 FROM parts WHERE owner_id=? AND file_id=? LIMIT 1", row[0], row[1]) is None:
-                self.upload_path(row[0], row[1]).unlink(missing_ok=True)
+                self._forget_upload(row[0], row[1])
         return len(rows)
 
 
