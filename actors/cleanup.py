@@ -19,8 +19,9 @@
         # is deleted if
         # transfer.delete_original and it still matches the manifest's size and
         # mtime (never a file changed since), temporary files beside the
-        # manifest and the manifest removed, and last the state -> "cleaned"
-        # (mark_transfer_cleaned; an interrupted cleanup is simply repeated).
+        # manifest removed, the manifest removed unless the original was kept
+        # (below), and last the state -> "cleaned" (mark_transfer_cleaned; an
+        # interrupted cleanup is simply repeated).
         # The transfer and parts rows (message ids) stay as the compact record.
         # A failed/unverified transfer keeps everything (TransferStateError).
         # Temporary split files: none exist today (parts are read from the
@@ -28,7 +29,19 @@
         # files and follow delete_original like any original.
 
 CleanupResult(transfer_id, deleted_original: bool, removed: tuple[str, ...],
-              kept: tuple[str, ...] (files left and why)).
+              kept: tuple[str, ...] (files left and why), manifest_kept: bool).
+
+The manifest of a transfer whose original was kept (no delete_original, or
+the policy deleted nothing) stays after cleanup, as long as every source is
+still the uploaded file (size and mtime): it is the exact plan of what was
+sent (split, file names, captions with their marker, block hashes), so a
+message lost *after* cleanup is re-uploaded from it like any other miss --
+the verifier first proves the original unchanged (size, mtime, sha256 of the
+whole content against the transfer's) and writes a fresh random_id into it
+(actors.verifier_core).  Keeping the file costs ~32 bytes per MiB of content;
+rebuilding a plan from the original later would have to guess the captions and
+ids, and an original that was deleted or changed has nothing to re-upload
+from, so its manifest is removed as before.
 CleanupRefusedError(transfer_id, reason): ``confirm`` said the messages are not
 all there (or could not be read) just before the deletion.
 CleanupDeferredError(transfer_id, reason): not yet, nothing touched -- an
@@ -74,11 +87,14 @@ class CleanupResult:
     deleted_original: bool
     removed: tuple[str, ...] = ()     # paths removed (originals, temp files, manifest)
     kept: tuple[str, ...] = ()        # "path: why" for files left in place
+    manifest_kept: bool = False       # the original was kept: a lost message can be re-uploaded
 
     def summary(self) -> str:
         bits = [f"removed {len(self.removed)} file(s)"]
         if self.deleted_original:
             bits.append("original deleted")
+        if self.manifest_kept:
+            bits.append("manifest kept with the original")
         if self.kept:
             bits.append("kept " + "; ".join(self.kept))
         return ", ".join(bits)
@@ -157,8 +173,10 @@ class Cleaner:
                 if self._remove(src.path):
                     removed.append(src.path)
                     deleted = True
+        manifest_kept = manifest is not None and all(
+            self._unchanged(src) is None for src in manifest.sources)
         if manifest is not None:
-            if self._remove(str(manifest_path)):
+            if not manifest_kept and self._remove(str(manifest_path)):
                 removed.append(str(manifest_path))
             try:
                 discard_stale_temps(manifest_path)
@@ -166,7 +184,7 @@ class Cleaner:
                 pass
         self.storage.mark_transfer_cleaned(transfer.id, lease_owner=lease_owner,
                                            next_check_at=next_check_at)
-        result = CleanupResult(transfer.id, deleted, tuple(removed), tuple(kept))
+        result = CleanupResult(transfer.id, deleted, tuple(removed), tuple(kept), manifest_kept)
         log = self._log.warning if kept else self._log.info
         log("transfer {} cleaned: {}", transfer.id, result.summary())
         return result

@@ -34,8 +34,19 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
 5. misses are recorded (``record_check(missing=...)``: misses += 1; nothing is
    written for a pass but verified_at), then:
 
-   - a cleaned transfer -> failed "lost after cleanup: ..." (log error, metric,
-     ``on_lost`` hook: where ingest may fetch an archive again);
+   - a cleaned transfer whose original was kept: the Cleaner kept its
+     manifest (actors.cleanup), so when the manifest matches the transfer and
+     the original is still that content (size, mtime and the sha256 of the
+     whole content, equal to the transfer's) the miss takes the rules below
+     like any other (cleaned -> verifying; attempts, back-off, adoption, a
+     fresh random_id written into the manifest first, then uploading);
+   - any other cleaned transfer (original deleted or changed, manifest gone
+     or not matching) -> failed "lost after cleanup: <miss>; nothing left to
+     re-upload from: <why>" (log error, metric, ``on_lost`` hook: where ingest
+     fetches an archive again from its source); nothing of other content is
+     ever uploaded in its place.  ``stashctl retry`` puts such a transfer
+     back to verifying: with the original back as it was (the manifest kept)
+     the re-upload follows, else it fails again saying why;
    - ``attempts`` (re-uploads so far; reset only by ``stashctl retry``) >=
      ``max_attempts`` -> failed, everything kept;
    - the next re-upload is not allowed yet (``reupload_allowed_at``: the first
@@ -97,7 +108,8 @@ from actors.cleanup import CleanupDeferredError, CleanupRefusedError
 from actors.verifier_messages import TransferOutcome
 from storage.errors import StorageError
 from storage.manifest import (
-    HASH_BLOCK_SIZE, Manifest, ManifestError, random_int64, read_manifest, rewrite_part_random_id,
+    HASH_BLOCK_SIZE, Manifest, ManifestError, ManifestNotFoundError, random_int64, read_manifest,
+    rewrite_part_random_id,
 )
 from storage.transfers import (
     UNSET, VERIFY_STATES, LeaseLostError, PartRecord, TransferRecord, TransferStateError,
@@ -492,8 +504,15 @@ class Verifier:
             self._log.warning("transfer {}: part(s) {} missing: {}", t.id,
                               [i + 1 for i in missing], why)
         present = sorted(i for i, c in checks.items() if c.result == "present")
+        checked = False  # the original proven unchanged in this check (not hashed twice)
         if t.state == "cleaned":
-            return self._lost(t, parts, present, missing, why)
+            kept = self._kept_original(t)
+            if kept is not None:
+                return self._lost(t, parts, present, missing, why, kept)
+            checked = True
+            self._log.warning("transfer {}: part(s) {} lost after cleanup; the original was kept "
+                              "and is unchanged: re-uploaded from its manifest", t.id,
+                              [i + 1 for i in missing])
         if t.attempts >= s.max_attempts:
             reason = (f"part(s) {[i + 1 for i in missing + unsent]} missing after "
                       f"{t.attempts} re-upload(s): {why}")
@@ -511,7 +530,7 @@ class Verifier:
                                    f"re-upload {t.attempts + 1} in {allowed - now:.0f}s: {why}")
         self.storage.record_check(t.id, present=present, missing=missing, state="verifying",
                                   lease_owner=self.owner)
-        return self._reupload(t, parts, missing, unsent, why)
+        return self._reupload(t, parts, missing, unsent, why, original_checked=checked)
 
     def _passed(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
                 now: float) -> TransferOutcome:
@@ -591,16 +610,33 @@ class Verifier:
         self._metric("record_cleanup")
         return TransferOutcome(t.id, "cleaned", "cleaned", detail=result.summary())
 
+    def _kept_original(self, t: TransferRecord) -> str | None:
+        """None when a cleaned transfer can be re-uploaded like any miss: its manifest was
+        kept (the original was kept at cleanup) and matches the transfer, and the original is
+        still that content (size, mtime, sha256 of the whole content); else why not."""
+        try:
+            manifest = read_manifest(t.manifest_path)
+        except ManifestNotFoundError:
+            return ("nothing left to re-upload from: the manifest was removed at cleanup "
+                    "(the original was deleted or had changed)")
+        except ManifestError as exc:
+            return f"nothing left to re-upload from: {exc}"
+        if manifest.sha256 != t.sha256 or manifest.total_size != t.size:
+            return "nothing left to re-upload from: the manifest does not match the transfer"
+        changed = check_original(manifest)
+        if changed is not None:
+            return f"nothing left to re-upload from: {changed}"
+        return None
+
     def _lost(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
-              missing: list[int], why: str) -> TransferOutcome:
-        reason = f"lost after cleanup: {why}"
+              missing: list[int], why: str, unrecoverable: str) -> TransferOutcome:
+        reason = f"lost after cleanup: {why}; {unrecoverable}"
         rec = self.storage.record_check(t.id, present=present, missing=missing, state="failed",
                                         reason=reason, next_check_at=None,
                                         lease_owner=self.owner, release_lease=True)
         self.lost += 1
         self._metric("record_lost", len(missing))
-        self._log.error("TRANSFER {} LOST: {} (cleaned: nothing left to re-upload from; "
-                        "source {})", t.id, reason, t.source_path)
+        self._log.error("TRANSFER {} LOST: {} (source {})", t.id, reason, t.source_path)
         if self.on_lost is not None:  # e.g. ingest fetches an archive again from its source
             try:
                 self.on_lost(rec, parts, missing)
@@ -615,13 +651,16 @@ class Verifier:
         return TransferOutcome(t.id, "failed", rec.state, tuple(missing), reason)
 
     def _reupload(self, t: TransferRecord, parts: list[PartRecord], missing: list[int],
-                  unsent: list[int], why: str) -> TransferOutcome:
+                  unsent: list[int], why: str, *, original_checked: bool = False) -> TransferOutcome:
         """Re-upload ``missing`` parts from the manifest (``unsent`` ones already have a fresh id)."""
         try:
             manifest = read_manifest(t.manifest_path)
+        except ManifestNotFoundError as exc:
+            return self._fail(t, f"cannot re-upload: {exc} (cleanup removes the manifest of a "
+                                 f"transfer whose original it deleted or found changed)", missing)
         except ManifestError as exc:
             return self._fail(t, f"cannot re-upload: {exc}", missing)
-        changed = check_original(manifest, missing + unsent)
+        changed = None if original_checked else check_original(manifest, missing + unsent)
         if changed is not None:
             return self._fail(t, changed, missing)
         by_index = {p.index: p for p in parts}

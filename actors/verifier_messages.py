@@ -11,11 +11,14 @@
 Outcome of one transfer's check, :class:`TransferOutcome`, ``result`` one of:
 
     "verified"    every part present (state -> verified)
-    "cleaned"     verified, then cleaned up (originals per policy, manifest removed)
+    "cleaned"     verified, then cleaned up (originals per policy; the manifest
+                  removed unless the original was kept)
     "reuploading" parts missing; re-upload queued (state -> uploading)
     "waiting"     parts missing, re-upload delayed by backoff (state verifying)
     "failed"      max attempts reached, original gone/changed, manifest unusable
-    "lost"        a message of a cleaned transfer is gone (nothing to re-upload from)
+    "lost"        a message of a cleaned transfer is gone and its original was
+                  deleted or changed (nothing to re-upload from; a kept, unchanged
+                  original is re-uploaded: "reuploading")
     "error"       the check could not be made (error/timeout/no account): NOT a
                   pass; retried later with backoff, nothing recorded
     "following"   a duplicate whose referenced transfer is not verified yet

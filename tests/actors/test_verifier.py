@@ -281,3 +281,36 @@ def test_deep_check_downloads_sampled_blocks_through_the_account(tmp_path, db_ur
         assert e.requests("GetFileRequest") == 2
     finally:
         e.close()
+
+
+def test_a_message_lost_after_cleanup_is_reuploaded_from_the_kept_original(env):
+    """Cleaned with the original kept (no delete_original), then a message goes: the same
+    content is sent again from the kept manifest, through the real uploader and Telegram."""
+    tid, path = env.transfer(2 * MIB + 100_000, MIB, delete_original=False)  # 3 parts
+    original = path.read_bytes()
+    env.upload(tid)
+    env.clock.now += 60
+    env.tick()
+    env.clock.now += 3600
+    status = env.tick()
+    t = env.storage.get_transfer(tid)
+    assert t.state == "cleaned" and status.cleanups == 1
+    assert path.exists() and os.path.exists(t.manifest_path)
+    before = env.storage.list_parts(tid)
+    assert env.world.delete_messages(env.dest, [before[2].message_id]) == 1
+    env.clock.now += 86400  # the slow re-check of a cleaned transfer
+    status = env.tick()
+    t = env.storage.get_transfer(tid)
+    assert (t.state, t.attempts) == ("uploading", 1) and status.lost == 0
+    sends = env.requests("SendMediaRequest")
+    result = env.upload(tid, account="bob")
+    assert [p.index for p in result.parts if p.stats is not None] == [2]
+    assert env.requests("SendMediaRequest") == sends + 1
+    after = env.storage.list_parts(tid)
+    data = b"".join(env.world.document_bytes(env.dest, p.message_id) for p in after)
+    assert data == original
+    env.clock.now += 60
+    env.tick()
+    env.clock.now += 3600
+    env.tick()
+    assert env.storage.get_transfer(tid).state == "cleaned" and path.exists()

@@ -415,8 +415,12 @@ def test_cleanup_keeps_the_original_when_the_policy_says_so_or_it_changed(env):
     outcomes = {o.transfer_id: o for o in env.verifier.run_pass()}
     assert outcomes[keep].result == outcomes[changed].result == "cleaned"
     assert os.path.exists(env.storage.get_transfer(keep).source_path)
-    assert not os.path.exists(env.storage.get_transfer(keep).manifest_path)
+    # the original was kept: so is its manifest (a later loss is re-uploaded from it)
+    assert os.path.exists(env.storage.get_transfer(keep).manifest_path)
+    assert "manifest kept" in outcomes[keep].detail
     assert os.path.exists(src) and "changed since it was uploaded" in outcomes[changed].detail
+    # a changed original is nothing to re-upload from: its manifest goes
+    assert not os.path.exists(env.storage.get_transfer(changed).manifest_path)
 
 
 def test_a_failed_or_unverified_transfer_is_never_cleaned(env):
@@ -446,8 +450,104 @@ def test_a_miss_after_cleanup_is_reported_as_lost(env):
     t = env.storage.get_transfer(tid)
     assert (o.result, t.state) == ("lost", "failed")
     assert t.reason.startswith("lost after cleanup: message")
+    assert "the manifest was removed at cleanup" in t.reason
     assert len(env.lost) == 1 and env.lost[0][0].id == tid and env.lost[0][2] == [0]
     assert env.verifier.lost == 1
+
+
+def cleaned(env, tid):
+    """Verify ``tid`` (first check), then clean it after the grace period."""
+    env.clock.now += 86400
+    assert {o.result for o in env.verifier.run_pass() if o.transfer_id == tid} == {"verified"}
+    env.clock.now += env.settings.cleanup_grace_seconds
+    assert [o.result for o in env.verifier.run_pass() if o.transfer_id == tid] == ["cleaned"]
+    assert env.state(tid) == "cleaned"
+
+
+def test_a_miss_after_cleanup_with_the_original_kept_is_reuploaded(env):
+    tid = env.transfer(3 * MIB + 5, limit=MIB, delete_original=False)
+    cleaned(env, tid)
+    t = env.storage.get_transfer(tid)
+    before = env.storage.list_parts(tid)
+    env.port.delete(CHANNEL, before[1].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (1,))
+    assert env.lost == [] and env.verifier.lost == 0
+    after = env.storage.list_parts(tid)
+    assert after[1].message_id is None and after[1].random_id != before[1].random_id
+    assert read_manifest(t.manifest_path).parts[1].random_id == after[1].random_id  # manifest first
+    assert env.storage.get_transfer(tid).attempts == 1
+    env.upload(tid, parts={1})   # only the lost part is sent again
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+    env.clock.now += env.settings.cleanup_grace_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("cleaned", "cleaned")
+    assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
+
+
+@pytest.mark.parametrize("change", ["gone", "content", "manifest"])
+def test_a_miss_after_cleanup_with_the_original_changed_stays_lost(env, change):
+    tid = env.transfer(2000, delete_original=False)
+    cleaned(env, tid)
+    t = env.storage.get_transfer(tid)
+    if change == "gone":
+        os.unlink(t.source_path)
+    elif change == "content":  # same size, mtime put back: only the sha256 tells
+        st = os.stat(t.source_path)
+        with open(t.source_path, "r+b") as fh:
+            fh.write(b"\0" * 16)
+        os.utime(t.source_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.unlink(t.manifest_path)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    posted = env.port.next_id
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    t = env.storage.get_transfer(tid)
+    assert (o.result, t.state) == ("lost", "failed")
+    why = {"gone": "original gone", "content": "original changed: content differs",
+           "manifest": "the manifest was removed at cleanup"}[change]
+    assert t.reason.startswith("lost after cleanup: message") and why in t.reason, t.reason
+    assert env.storage.list_parts(tid)[0].message_id is not None  # nothing queued for upload
+    assert env.port.next_id == posted and len(env.lost) == 1
+
+
+def test_retry_of_a_lost_transfer_reuploads_once_the_original_is_back(env, tmp_path):
+    tid = env.transfer(2000, delete_original=False)
+    cleaned(env, tid)
+    t = env.storage.get_transfer(tid)
+    away = tmp_path / "away.bin"
+    os.rename(t.source_path, away)  # e.g. its disk was not mounted during the check
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    assert o.result == "lost" and "original gone" in env.storage.get_transfer(tid).reason
+    assert env.storage.retry_transfer(tid).state == "verifying"   # still gone: fails again
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("failed", "failed") and "original gone" in o.detail
+    os.rename(away, t.source_path)
+    env.storage.retry_transfer(tid)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (0,))
+    env.upload(tid)
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+
+
+def test_retry_after_the_manifest_was_removed_says_why(env):
+    tid = env.transfer(2000, delete_original=True)
+    cleaned(env, tid)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    assert [o.result for o in env.verifier.run_pass()] == ["lost"]
+    env.storage.retry_transfer(tid)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("failed", "failed")
+    assert "manifest not found" in o.detail and "cleanup removes the manifest" in o.detail
 
 
 # -- cleanup never trusts a check it did not repeat -------------------------------------------
@@ -561,7 +661,7 @@ def test_a_duplicate_is_not_cleaned_when_its_reference_lost_a_message(denv):
     assert os.path.exists(env.storage.get_transfer(dup).source_path)
     assert env.storage.get_transfer(orig).next_check_at == env.clock.now  # looked at again now
     outcomes = {o.transfer_id: o.result for o in env.verifier.run_pass()}
-    assert outcomes == {orig: "lost"}
+    assert outcomes == {orig: "reuploading"}  # its original was kept: sent again from it
 
 
 def test_the_cleaner_refuses_parts_verified_less_than_the_grace_ago(env):
