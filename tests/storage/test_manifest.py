@@ -283,14 +283,16 @@ def test_decoded_manifest_is_not_another_exception_on_bad_uuid(tmp_path):
         unpack_manifest(pack_manifest(bad))
 
 
-@pytest.mark.parametrize("size,limit", [(18 * MiB + 3, 2**31), (20 * MiB + 77, 11 * 512 * KiB)])
+@pytest.mark.parametrize("size,limit", [(18 * MiB + 3, 2**31), (20 * MiB + 77, 11 * 512 * KiB),
+                                        (9 * MiB + 5, 5 * MiB), (3 * MiB, 3 * MiB - 512 * KiB)])
 def test_one_pass_hashing_matches_plain_hashes_across_batches(tmp_path, size, limit):
-    """The threaded single read (4 MiB batches, buffers reused) gives the same
-    file, part and per-MiB block hashes as hashing each piece on its own."""
+    """The two-thread pass (work split at half of parts 1..; parts of 5.5 MiB
+    put that split inside part 1) gives the same file, part and per-MiB block
+    hashes as hashing each piece on its own."""
     data = random.Random(size).randbytes(size)
     m = build_manifest(_file(tmp_path, data), "d", limit_bytes=limit)
     assert m.sha256 == hashlib.sha256(data).hexdigest()
-    assert len(m.parts) == (1 if limit > size else 4)
+    assert len(m.parts) == len(plan_split(size, limit))
     for p in m.parts:
         chunk = data[p.offset:p.end]
         assert p.sha256 == hashlib.sha256(chunk).hexdigest()
