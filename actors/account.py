@@ -19,6 +19,7 @@ CoolingDownError without calling Telegram.
 """
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ from actors.account_messages import (
     ListTopics,
     MessagesResult,
     PartUploadedResult,
+    PartsUploadedResult,
     Pause,
     Resume,
     SearchMessages,
@@ -67,6 +69,7 @@ from actors.account_messages import (
     TopicInfo,
     TopicsResult,
     UploadPart,
+    UploadParts,
 )
 from actors.base import LoopActor
 from actors.supervision import SupervisedMixin
@@ -136,6 +139,7 @@ class AccountActor(SupervisedMixin, LoopActor):
             DownloadRange: self._download,
             DownloadPhoto: self._download_photo,
             UploadPart: self._upload_part,
+            UploadParts: self._upload_parts,
             SendDocument: self._send_document,
             GetMessages: self._get_messages,
             DeleteMessages: self._delete_messages,
@@ -473,6 +477,17 @@ class AccountActor(SupervisedMixin, LoopActor):
         if not ok:
             raise RpcError(request_kind(request), None, f"part {msg.index} refused")
         return PartUploadedResult(msg.file_id, msg.index, len(msg.data))
+
+    async def _upload_parts(self, msg: UploadParts) -> PartsUploadedResult:
+        """Every part at once, each through _upload_part; errors are per part, in the reply."""
+        self._ensure_working()
+        outcomes = await asyncio.gather(*(self._upload_part(p) for p in msg.parts), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancellation and the like are not a part's outcome
+        # the tracebacks would keep this loop's frames alive in the other thread
+        return PartsUploadedResult(tuple(o.with_traceback(None) if isinstance(o, BaseException) else o
+                                         for o in outcomes))
 
     async def _send_document(self, msg: SendDocument) -> DocumentSentResult:
         self._ensure_working()

@@ -123,6 +123,21 @@ class UploadPart:
 
 
 @dataclass(frozen=True)
+class UploadParts:
+    """Several parts of one file in one ask, sent concurrently (the uploader's
+    per-ask hand-off between threads, paid once for them all).
+
+    Replied with PartsUploadedResult: one outcome per part, in order.
+    """
+
+    parts: tuple[UploadPart, ...]
+
+    def __str__(self) -> str:
+        indexes = ",".join(str(p.index) for p in self.parts)
+        return f"UploadParts({len(self.parts)} parts [{indexes}])"
+
+
+@dataclass(frozen=True)
 class SendDocument:
     channel: ChannelRef
     file_id: int
@@ -212,6 +227,14 @@ class PartUploadedResult:
     file_id: int
     index: int
     size: int
+
+
+@dataclass(frozen=True)
+class PartsUploadedResult:
+    """Per part of an UploadParts, in order: its PartUploadedResult, or the
+    error that part met (a TelegramError: FloodWait, FILE_PART_X_MISSING, ...)."""
+
+    outcomes: tuple[PartUploadedResult | BaseException, ...]
 
 
 @dataclass(frozen=True)

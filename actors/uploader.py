@@ -20,11 +20,13 @@ from loguru import logger
 
 from actors.adoption import adopt_orphans
 from actors.asking import _LoopHandOff, ask_async  # noqa: F401 - ask_async lives there, importable here too
-from actors.account_messages import DocumentSentResult, PartUploadedResult, SendDocument, UploadPart
+from actors.account_messages import (
+    DocumentSentResult, PartUploadedResult, PartsUploadedResult, SendDocument, UploadPart, UploadParts,
+)
 from actors.budget_messages import BudgetGranted, BudgetRefused, CancelBudget, ReleaseBudget, ReserveBudget
 from actors.base import LoopActor
 from actors.faults import fault_point
-from actors.uploader_core import UploadStats, upload_document
+from actors.uploader_core import BudgetRefusedError, UploadStats, upload_document
 from actors.uploader_messages import PartSent, StopUpload, TransferUploadedResult, UploadTransfer
 from storage.manifest import ManifestError, open_source, read_manifest
 
@@ -43,6 +45,13 @@ class AccountPort:
     async def upload_part(self, file_id: int, index: int, total: int, data: bytes,
                           big: bool) -> PartUploadedResult:
         return await ask_async(self.ref, UploadPart(file_id, index, total, data, big), self.timeout)
+
+    async def upload_parts(self, file_id: int, total: int, big: bool,
+                           parts: list[tuple[int, bytes]]) -> tuple[PartUploadedResult | BaseException, ...]:
+        """Several parts in one ask (one hand-off each way between the threads)."""
+        msg = UploadParts(tuple(UploadPart(file_id, index, total, data, big) for index, data in parts))
+        result: PartsUploadedResult = await ask_async(self.ref, msg, self.timeout)
+        return result.outcomes
 
     async def send_document(self, *, file_id: int, total_parts: int, big: bool, file_name: str,
                             size: int, caption: str, random_id: int) -> DocumentSentResult:
@@ -80,10 +89,6 @@ class FileReader:
         self.close()
 
 
-class BudgetRefusedError(Exception):
-    """The BudgetActor refused a lease (it could never be granted)."""
-
-
 class UploadStoppedError(Exception):
     """A StopUpload ended the transfer's upload (it stays "uploading", resumable)."""
 
@@ -105,12 +110,13 @@ class BudgetActorPort:
         self._waiting: dict[str, tuple[_LoopHandOff, asyncio.Future]] = {}
         self._alive = True
 
-    async def acquire(self, nbytes: int) -> Any:
+    async def acquire(self, nbytes: int, slots: int = 1) -> Any:
         loop = asyncio.get_running_loop()
         request_id = f"{self._prefix}-{next(self._ids)}"
         future = loop.create_future()
         self._waiting[request_id] = (_LoopHandOff.of(loop), future)
-        self.budget_ref.tell(ReserveBudget(request_id, self.account, nbytes, "part", reply_to=self))
+        self.budget_ref.tell(ReserveBudget(request_id, self.account, nbytes, "part", reply_to=self,
+                                           slots=slots))
         try:
             return await future
         except asyncio.CancelledError:
@@ -195,7 +201,9 @@ class UploaderActor(LoopActor):
 
     ``accounts`` maps account names to AccountActor refs (or is any callable
     name -> ref).  Per part: upload_document (window of chunks, journal in
-    storage, budget leases when ``budget`` is given), then the message id is
+    storage, budget leases when ``budget`` is given; up to ``group`` chunks,
+    at most the window, go to the AccountActor in one ask under one lease, so
+    the hand-offs between the threads are paid once for them), then the message id is
     recorded at once (phase 1, ``record_part_sent``) and the part's journal
     cleared; when every part has its message the transfer is marked uploaded.
     An error leaves the transfer in "uploading" (resumable) and is returned in
@@ -206,8 +214,9 @@ class UploaderActor(LoopActor):
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader",
-                 metrics: Any = None, first_check_delay: float = 0.0):
+                 metrics: Any = None, first_check_delay: float = 0.0, group: int = 4):
         super().__init__()
+        self._group = max(1, min(group, window))
         self._metrics = metrics
         self._first_check_delay = first_check_delay  # [verify] first_check_delay_seconds
         self.storage, self.budget, self.window = storage, budget, window
@@ -296,7 +305,7 @@ class UploaderActor(LoopActor):
                         port, plan, reader, window=self.window,
                         journal=StorageJournal(store, tid, part.index, msg.account, clock=self._clock),
                         budget=budget, clock=self._clock, sleep=self._sleep,
-                        max_attempts=self._max_attempts, on_stats=stats.append)
+                        max_attempts=self._max_attempts, on_stats=stats.append, group=self._group)
                     fault_point("after_send_before_record")
                     store.record_part_sent(tid, part.index, message_id=result.message_id,
                                            document_id=result.document_id, account=msg.account)

@@ -55,6 +55,7 @@ __all__ = [
     "flood_until",
     "is_transient",
     "UploadError",
+    "BudgetRefusedError",
     "UploadPort",
     "ChunkJournal",
     "BudgetPort",
@@ -275,6 +276,10 @@ class UploadError(Exception):
     """The document could not be uploaded (a permanent error, or retries exhausted)."""
 
 
+class BudgetRefusedError(Exception):
+    """The budget refused a lease (it could never be granted under its limits)."""
+
+
 class UploadPort(Protocol):
     """What the driver needs from an account (see actors.uploader.AccountPort)."""
 
@@ -282,6 +287,10 @@ class UploadPort(Protocol):
 
     async def send_document(self, *, file_id: int, total_parts: int, big: bool, file_name: str,
                             size: int, caption: str, random_id: int) -> Any: ...
+
+    # optional: ``async upload_parts(file_id, total, big, parts: [(index, data), ...])``
+    # returns one outcome per part, in order: a result, or the exception that part met
+    # (several chunks in one call; without it they go as concurrent upload_part calls)
 
 
 class ChunkJournal(Protocol):
@@ -296,9 +305,13 @@ class ChunkJournal(Protocol):
 
 
 class BudgetPort(Protocol):
-    """Byte/slot leases for chunks in flight: acquire before reading, release after."""
+    """Byte/slot leases for chunks in flight: acquire before reading, release after.
 
-    async def acquire(self, nbytes: int) -> Any: ...
+    ``slots`` is the number of chunks the lease covers (passed only when above 1).
+    ``acquire`` raises BudgetRefusedError for a lease that can never be granted.
+    """
+
+    async def acquire(self, nbytes: int, slots: int = 1) -> Any: ...
 
     def release(self, lease: Any) -> None: ...
 
@@ -341,6 +354,7 @@ async def upload_document(
     max_attempts: int = 5,
     backoff: float = 0.5,
     on_stats: Callable[[UploadStats], None] | None = None,
+    group: int = 1,
 ) -> Any:
     """Upload one document (``plan``) through ``port`` and send it; returns send_document's result.
 
@@ -348,11 +362,15 @@ async def upload_document(
     called only when that chunk is about to be sent, after its budget lease
     (if any) is granted, so at most ``window`` chunks are in memory.
     Chunks the ``journal`` lists are not sent again unless the server says it
-    lost them.  FloodWaits are waited out (``sleep`` until the wait's end per
+    lost them.  Up to ``group`` chunks handed out together go in one call
+    (``port.upload_parts``) under one budget lease of their bytes and chunks;
+    each has its own outcome, as if sent alone.  FloodWaits are waited out (``sleep`` until the wait's end per
     ``clock``) on the same account; transient errors are retried per chunk up to
     ``max_attempts`` with exponential ``backoff``.  Anything else raises (the
     account errors of actors.telegram.errors, or UploadError).
     """
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
     journal = journal if journal is not None else MemoryJournal()
     sched = PartScheduler(plan, window=window, acked=journal.acked(), max_parts=max_parts,
                           clock=clock, on_ack=journal.record)
@@ -363,19 +381,56 @@ async def upload_document(
         if delay > 0:
             await sleep(delay)
 
-    async def send_chunk(chunk: Chunk) -> tuple[Chunk, BaseException | None]:
-        lease = await budget.acquire(chunk.length) if budget is not None else None
+    upload_parts = getattr(port, "upload_parts", None)
+
+    async def read_chunk(chunk: Chunk) -> bytes:
+        data = read(chunk.offset, chunk.length)
+        if inspect.isawaitable(data):
+            data = await data
+        if len(data) != chunk.length:
+            raise UploadError(f"{plan.file_name}: short read at offset {chunk.offset} "
+                              f"({len(data)} of {chunk.length} bytes); source changed?")
+        return data
+
+    async def send_chunks(chunks: list[Chunk]) -> list[tuple[Chunk, BaseException | None]]:
+        """One lease, one call for ``chunks``; the outcome of each (None: acknowledged)."""
+        nonlocal group
+        lease = None
+        if budget is not None:
+            nbytes = sum(c.length for c in chunks)
+            if len(chunks) == 1:
+                lease = await budget.acquire(nbytes)
+            else:
+                try:
+                    lease = await budget.acquire(nbytes, slots=len(chunks))
+                except BudgetRefusedError:  # more than the budget's limits allow at once
+                    group = 1               # one lease per chunk from now on
+                    sent = await asyncio.gather(*(send_chunks([c]) for c in chunks))
+                    return [outcome for one in sent for outcome in one]
         try:
-            data = read(chunk.offset, chunk.length)
-            if inspect.isawaitable(data):
-                data = await data
-            if len(data) != chunk.length:
-                raise UploadError(f"{plan.file_name}: short read at offset {chunk.offset} "
-                                  f"({len(data)} of {chunk.length} bytes); source changed?")
-            await port.upload_part(plan.file_id, chunk.index, sched.total, data, sched.big)
-            return chunk, None
+            if len(chunks) == 1:
+                await port.upload_part(plan.file_id, chunks[0].index, sched.total,
+                                       await read_chunk(chunks[0]), sched.big)
+                return [(chunks[0], None)]
+            parts = [(c.index, await read_chunk(c)) for c in chunks]
+            if upload_parts is not None:
+                outcomes = await upload_parts(plan.file_id, sched.total, sched.big, parts)
+            else:
+                outcomes = await asyncio.gather(
+                    *(port.upload_part(plan.file_id, i, sched.total, data, sched.big) for i, data in parts),
+                    return_exceptions=True)
+            del parts
+            out: list[tuple[Chunk, BaseException | None]] = []
+            for chunk, outcome in zip(chunks, outcomes, strict=True):
+                if isinstance(outcome, (TelegramError, ConnectionError, TimeoutError)):
+                    out.append((chunk, outcome))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    out.append((chunk, None))
+            return out
         except (TelegramError, ConnectionError, TimeoutError) as exc:
-            return chunk, exc
+            return [(chunk, exc) for chunk in chunks]
         finally:
             if lease is not None:
                 budget.release(lease)
@@ -404,8 +459,9 @@ async def upload_document(
         finished: list[asyncio.Task] = []
         try:
             while not sched.done:
-                for chunk in sched.next_chunks():
-                    tasks.add(asyncio.ensure_future(send_chunk(chunk)))
+                chunks = sched.next_chunks()
+                for start in range(0, len(chunks), group):
+                    tasks.add(asyncio.ensure_future(send_chunks(chunks[start:start + group])))
                 if not tasks:
                     until = sched.parked_until()
                     if until is None:  # cannot happen: not done, nothing in flight, not parked
@@ -415,7 +471,8 @@ async def upload_document(
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 finished = sorted(done, key=id)
                 while finished:
-                    await settle(*finished.pop().result())
+                    for chunk, exc in finished.pop().result():
+                        await settle(chunk, exc)
         finally:
             for task in tasks:
                 task.cancel()

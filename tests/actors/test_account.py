@@ -26,6 +26,7 @@ from actors.account_messages import (
     Resume,
     SendDocument,
     UploadPart,
+    UploadParts,
 )
 from actors.telegram.client import build_client
 from actors.telegram.errors import (
@@ -35,6 +36,7 @@ from actors.telegram.errors import (
     CoolingDownError,
     FloodWaitError,
     InvalidRangeError,
+    RpcError,
 )
 from actors.telegram.sim.local import LocalTransport
 from actors.telegram.sim.world import Fault, SimWorld, auth_key_id, write_session_file
@@ -264,6 +266,22 @@ def test_upload_parts_concurrently_then_send_document(env):
     (msg,) = ask(ref, GetMessages("stash_archive", (sent.message_id,))).messages
     assert msg.text == "caption #t1" and msg.document.file_name == "archive.zip"
     assert msg.document.size == len(data)
+
+
+def test_upload_parts_sends_a_group_concurrently_with_an_outcome_per_part(env):
+    gate = InFlightGate("SaveBigFilePartRequest", quorum=3)
+    ref = env.start("alice", wrap_transport=gate.wrap)
+    data = os.urandom(4 * 512 * KIB)
+    parts = [UploadPart(3333, i, 4, data[i * 512 * KIB:(i + 1) * 512 * KIB], True) for i in range(3)]
+    parts.append(UploadPart(3333, 3, 4, b"", True))          # an empty part: refused, alone
+    outcomes = ask(ref, UploadParts(tuple(parts))).outcomes
+    assert [o.index for o in outcomes[:3]] == [0, 1, 2]
+    assert isinstance(outcomes[3], RpcError) and "FILE_PART_EMPTY" in str(outcomes[3])
+    assert outcomes[3].__traceback__ is None
+    assert gate.max_in_flight >= 3 and not gate.gave_up       # the group went out together
+    ask(ref, UploadPart(3333, 3, 4, data[3 * 512 * KIB:], True))
+    sent = ask(ref, SendDocument(env.dest, 3333, 4, True, "g.bin", len(data), "", random_id=31))
+    assert env.world.document_bytes(env.dest, sent.message_id) == data
 
 
 def test_big_file_parts_and_same_random_id_gives_one_message(env):

@@ -256,3 +256,96 @@ def test_driver_resends_what_the_server_lost_and_skips_the_journal():
     out, _, stats = run_upload(port, plan(len(data)), data, clock, window=4, journal=journal)
     assert out == data and stats.chunks_resent == 2  # 1 reported missing; 0 is as old, re-sent too
     assert sorted(i for k, i in port.calls if k == "part") == [0, 1, 2, 3]
+
+
+# -- several chunks per call ---------------------------------------------------------------------
+from actors.uploader_core import BudgetRefusedError  # noqa: E402
+
+
+class GroupPort(FakePort):
+    """FakePort with upload_parts: one call for a group, an outcome per part."""
+
+    def __init__(self, clock, errors=None):
+        super().__init__(clock, errors)
+        self.groups = []
+
+    async def upload_parts(self, file_id, total, big, parts):
+        self.groups.append([i for i, _ in parts])
+        outcomes = []
+        for index, data in parts:
+            try:
+                await self.upload_part(file_id, index, total, data, big)
+                outcomes.append(index)
+            except Exception as exc:  # noqa: BLE001 - the outcome of that part
+                outcomes.append(exc)
+        return tuple(outcomes)
+
+
+class FakeBudget:
+    """Leases of (nbytes, slots), refused above ``max_slots``; records what is held."""
+
+    def __init__(self, max_slots=None):
+        self.max_slots, self.held, self.peak_bytes, self.asked = max_slots, set(), 0, []
+
+    async def acquire(self, nbytes, slots=1):
+        self.asked.append(slots)
+        if self.max_slots is not None and slots > self.max_slots:
+            raise BudgetRefusedError(f"{slots} slots")
+        lease = (len(self.asked), nbytes, slots)
+        self.held.add(lease)
+        self.peak_bytes = max(self.peak_bytes, sum(n for _, n, _ in self.held))
+        return lease
+
+    def release(self, lease):
+        self.held.remove(lease)
+
+
+def test_driver_sends_groups_in_one_call_under_one_lease_each():
+    clock = Clock()
+    data = bytes(range(256)) * (10 * CHUNK_SIZE // 256) + b"tail"
+    port, budget = GroupPort(clock), FakeBudget()
+    out, _, stats = run_upload(port, plan(len(data)), data, clock, window=8, group=4, budget=budget)
+    assert out == data and stats.chunks_sent == 11
+    assert port.groups[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]       # the window: two groups of four
+    assert sorted(i for g in port.groups for i in g) == list(range(11))
+    assert all(len(g) <= 4 for g in port.groups) and port.peak <= 8
+    assert budget.held == set() and budget.peak_bytes <= 8 * CHUNK_SIZE
+    assert sum(budget.asked) == 11                               # every chunk under a lease slot
+
+
+def test_driver_settles_each_part_of_a_group_on_its_own():
+    clock = Clock()
+    data = b"z" * (8 * CHUNK_SIZE)
+    port = GroupPort(clock, {
+        ("part", 1): [RpcError("SaveBigFilePartRequest", None, "connection failed")],
+        ("part", 2): [FloodWaitError("SaveBigFilePartRequest", 20, clock.now + 20)],
+        ("part", 5): [FilePartMissingError("SaveBigFilePartRequest", 5)],
+    })
+    journal = MemoryJournal()
+    out, slept, stats = run_upload(port, plan(len(data)), data, clock, window=4, group=4,
+                                   journal=journal, backoff=0.25)
+    assert out == data
+    assert stats == UploadStats(chunks_sent=8, chunks_resent=0, flood_waits=1, retries=2, send_attempts=1)
+    assert sorted(journal.records) == list(range(8))   # only acknowledged chunks, each once
+    assert 0.25 in slept and sum(slept) >= 20
+
+
+def test_driver_falls_back_to_one_chunk_per_lease_when_a_group_is_refused():
+    clock = Clock()
+    data = b"w" * (6 * CHUNK_SIZE)
+    port, budget = GroupPort(clock), FakeBudget(max_slots=1)
+    out, _, stats = run_upload(port, plan(len(data)), data, clock, window=4, group=4, budget=budget)
+    assert out == data and stats.chunks_sent == 6
+    assert budget.asked[0] == 4 and set(budget.asked[1:]) == {1}   # refused once, then single leases
+    assert port.groups == [] and budget.held == set()
+
+
+def test_driver_without_upload_parts_sends_a_group_as_concurrent_calls():
+    clock = Clock()
+    data = b"v" * (5 * CHUNK_SIZE)
+    port = FakePort(clock, {("part", 3): [RpcError("SaveFilePartRequest", 400, "FILE_PART_INVALID")]})
+    with pytest.raises(RpcError, match="FILE_PART_INVALID"):
+        run_upload(port, plan(len(data)), data, clock, window=4, group=4)
+    port = FakePort(clock)
+    out, _, _ = run_upload(port, plan(len(data)), data, clock, window=4, group=4)
+    assert out == data and port.peak == 4

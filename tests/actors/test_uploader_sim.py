@@ -204,7 +204,8 @@ def test_uploader_actor_resumes_from_the_journal_after_a_failed_send(db_env):
     assert data == path.read_bytes()
 
 
-def test_budget_leases_bound_the_chunks_in_memory(env):
+@pytest.mark.parametrize("group", [1, 2, 4])   # 2: one lease fills the budget; 4: over it, one each
+def test_budget_leases_bound_the_chunks_in_memory(env, group):
     from actors.budget import BudgetActor
     from actors.budget_messages import GetBudgetSnapshot
     from actors.uploader import BudgetActorPort
@@ -220,6 +221,12 @@ def test_budget_leases_bound_the_chunks_in_memory(env):
             finally:
                 live[0] -= 1
 
+        async def upload_parts(self, file_id, total, big, parts):
+            try:
+                return await super().upload_parts(file_id, total, big, parts)
+            finally:
+                live[0] -= len(parts)
+
     with FileReader(path) as reader:
         def read(offset, length):
             live[0] += 1
@@ -228,7 +235,7 @@ def test_budget_leases_bound_the_chunks_in_memory(env):
 
         port = BudgetActorPort(budget, "alice")
         sent = asyncio.run(upload_document(CountingPort(env.account, env.dest), plan, read, window=6,
-                                           budget=port, clock=env.clock, sleep=env.sleep))
+                                           budget=port, clock=env.clock, sleep=env.sleep, group=group))
     assert env.world.document_bytes(env.dest, sent.message_id) == path.read_bytes()
     assert peak[0] == 2  # the window is 6, the byte budget two chunks
     snap = budget.ask(GetBudgetSnapshot(), timeout=10)
