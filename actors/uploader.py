@@ -202,8 +202,8 @@ class UploaderActor(LoopActor):
     ``accounts`` maps account names to AccountActor refs (or is any callable
     name -> ref).  Per part: upload_document (window of chunks, journal in
     storage, budget leases when ``budget`` is given; up to ``group`` chunks,
-    at most the window, go to the AccountActor in one ask under one lease, so
-    the hand-offs between the threads are paid once for them), then the message id is
+    at most half the window, go to the AccountActor in one ask under one
+    lease, so the hand-offs between the threads are paid once for them), then the message id is
     recorded at once (phase 1, ``record_part_sent``) and the part's journal
     cleared; when every part has its message the transfer is marked uploaded.
     An error leaves the transfer in "uploading" (resumable) and is returned in
@@ -216,7 +216,7 @@ class UploaderActor(LoopActor):
                  max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader",
                  metrics: Any = None, first_check_delay: float = 0.0, group: int = 4):
         super().__init__()
-        self._group = max(1, min(group, window))
+        self._group = max(1, min(group, window // 2))  # >= 2 groups: the window keeps sliding
         self._metrics = metrics
         self._first_check_delay = first_check_delay  # [verify] first_check_delay_seconds
         self.storage, self.budget, self.window = storage, budget, window
