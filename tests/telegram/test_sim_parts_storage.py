@@ -130,3 +130,53 @@ def test_part_size_rules_still_hold(env):
         send(world, alice, channel, 17, 3)
     with pytest.raises(SimRpcError, match="FILE_PART_SIZE_INVALID"):
         call(world, alice, functions.upload.SaveBigFilePartRequest(18, 0, 3, b"x" * 1000))
+
+
+def rows_on_disk(world):
+    """The part rows another connection sees: what is committed."""
+    import sqlite3
+
+    db = sqlite3.connect(world.state_dir / "world.sqlite3")
+    try:
+        return {r[0] for r in db.execute("SELECT part FROM parts")}
+    finally:
+        db.close()
+
+
+def test_deferred_part_rows_wait_for_a_commit_and_any_transaction_commits_them(env):
+    world, _clock, alice, channel = env
+    data = os.urandom(2 * 512 * KIB)
+    world.defer_part_rows()                                    # this thread: the server's group commit
+    upload(world, alice, 19, data, 512 * KIB)
+    assert rows_on_disk(world) == set()                        # saved, not yet committed
+    assert world.commit_part_rows() == 2 and rows_on_disk(world) == {0, 1}
+    upload(world, alice, 20, data, 512 * KIB)
+    message = send(world, alice, channel, 20, 2)               # its transaction commits them first
+    assert world.document_bytes(channel, message.id) == data
+
+
+def test_other_threads_still_commit_each_part_at_once(env):
+    import threading
+
+    world, _clock, alice, _channel = env
+    world.defer_part_rows()
+    worker = threading.Thread(target=upload, args=(world, alice, 21, os.urandom(512 * KIB), 512 * KIB))
+    worker.start()
+    worker.join(30)
+    assert rows_on_disk(world) == {0}
+
+
+def test_closing_the_world_commits_deferred_rows(tmp_path):
+    world = SimWorld(tmp_path / "w", clock=Clock(), part_ttl_seconds=600)
+    alice = world.create_user("A", username="alice")
+    channel = world.create_channel("c", username="chan", admins=[alice.user_id])
+    data = os.urandom(512 * KIB + 5)
+    world.defer_part_rows()
+    count = upload(world, alice, 22, data, 512 * KIB)
+    world.close()
+    again = SimWorld(tmp_path / "w", clock=Clock(), part_ttl_seconds=600)
+    try:
+        message = send(again, alice, channel, 22, count)
+        assert again.document_bytes(channel, message.id) == data
+    finally:
+        again.close()

@@ -313,3 +313,57 @@ def test_control_posts_a_photo_album_that_telethon_downloads(threaded_server, si
             await client.disconnect()
 
     assert asyncio.run(alice_downloads()) == (555, image)
+
+
+def test_a_part_is_committed_before_it_is_acknowledged(threaded_server, sim_dir):
+    """The server commits the part rows of a loop pass at once, then answers: whatever
+    the client was told is stored survives a crash of the server right after."""
+    import sqlite3
+
+    from telethon.tl.functions.upload import SaveBigFilePartRequest
+
+    db = sqlite3.connect(sim_dir / "world.sqlite3")
+
+    async def run():
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        try:
+            async def one(index):
+                assert await client(SaveBigFilePartRequest(777, index, 24, payload(512 * 1024, index)))
+                stored = {r[0] for r in db.execute("SELECT part FROM parts WHERE file_id=777")}
+                assert index in stored
+
+            await asyncio.gather(*(one(i) for i in range(24)))   # many in flight: several per pass
+        finally:
+            await client.disconnect()
+
+    try:
+        asyncio.run(run())
+    finally:
+        db.close()
+
+
+def test_parts_whose_rows_cannot_be_committed_are_not_acknowledged(threaded_server, sim_dir):
+    from telethon.tl.functions.upload import SaveBigFilePartRequest
+
+    world = threaded_server.world
+
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise OSError("disk full")
+
+    async def run():
+        client = client_for(sim_dir, "alice")
+        await client.connect()
+        world.commit_part_rows = broken   # every reply of a pass whose commit fails is an error
+        try:
+            client._request_retries = 1   # Telethon retries a 500 (5 times by default), then gives up
+            with pytest.raises((errors.ServerError, ValueError)):
+                await client(SaveBigFilePartRequest(778, 0, 2, payload(512 * 1024)))
+            assert calls
+        finally:
+            await client.disconnect()
+
+    asyncio.run(run())

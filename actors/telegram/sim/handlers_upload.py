@@ -103,7 +103,7 @@ def save_file_part(ctx: Ctx, req):
     _check_bytes(req.bytes)
     if not 0 <= req.file_part < MAX_SMALL_PARTS:
         raise bad_request("FILE_PART_INVALID")
-    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, -1, req.bytes, ctx.now)
+    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, -1, req.bytes, ctx.now, defer=ctx.world.part_rows_deferred)
     ctx.world.maybe_prune_parts()
     return True
 
@@ -117,7 +117,7 @@ def save_big_file_part(ctx: Ctx, req):
         raise bad_request("FILE_PART_INVALID")
     if req.file_part != total - 1 and not valid_part_size(len(req.bytes)):
         raise bad_request("FILE_PART_SIZE_INVALID")
-    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, total, req.bytes, ctx.now)
+    ctx.state.save_part(ctx.me(), req.file_id, req.file_part, total, req.bytes, ctx.now, defer=ctx.world.part_rows_deferred)
     ctx.world.maybe_prune_parts()
     return True
 

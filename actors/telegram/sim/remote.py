@@ -35,7 +35,7 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 SMALL_PAYLOAD = 16 * 1024      # joined to its map (one small copy) rather than sent as a piece of its own
 READ_BYTES = 256 * 1024        # one recv while no large frame is pending
 BUFFER_BYTES = 2 * 1024 * 1024 + READ_BYTES
-READS_PER_WAKEUP = 4
+READS_PER_WAKEUP = 16           # recv_into calls per readable event, while each fills what it was offered
 SEND_BUFFER_BYTES = 4 * 1024 * 1024
 HIGH_WATER = 8 * 1024 * 1024   # queued unsent bytes at which ``drain`` waits ...
 LOW_WATER = 1024 * 1024        # ... until they are down to this
@@ -248,9 +248,13 @@ class FrameConnection:
     # -- out -------------------------------------------------------------------------
     def send(self, message: dict, payload: Sequence = ()) -> None:
         """Queue one frame; ``ConnectionError`` when the connection is closed or fails."""
+        self.send_frames([(message, payload)])
+
+    def send_frames(self, frames: Sequence[tuple[dict, Sequence]]) -> None:
+        """Queue frames, in order, with one ``sendmsg``; ``ConnectionError`` as ``send``."""
         if self._closed:
             raise ConnectionError("connection closed")
-        pieces = frame_pieces(message, payload)
+        pieces = [piece for message, payload in frames for piece in frame_pieces(message, payload)]
         if not self._out:
             try:
                 sent = self._sock.sendmsg(pieces)

@@ -255,6 +255,8 @@ class SimServer:
         self._stop: asyncio.Event | None = None
         self._connections: dict[FrameConnection, set[asyncio.Task]] = {}   # -> its requests in flight
         self._busy_until: dict[Any, float] = {}
+        # replies of this loop pass, sent once the part rows they acknowledge are committed
+        self._outbox: dict[FrameConnection, list[tuple[dict, tuple]]] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._thread_error: BaseException | None = None
@@ -276,6 +278,8 @@ class SimServer:
         if self._world is None:
             self._world = await self._loop.run_in_executor(self._executor, _open_world, self.state_dir)
         self.control = WorldControl(self._world)
+        if self.inline_invokes and hasattr(self._world, "defer_part_rows"):
+            self._world.defer_part_rows()   # this (the loop's) thread: see _release
         self._listener = self._bind_socket()
         self._listener.listen(128)
         self._listener.setblocking(False)
@@ -330,6 +334,8 @@ class SimServer:
             self._listener.close()
             self._listener = None
             self._remove_socket()
+        if self._outbox:
+            self._release()
         tasks = []
         for conn in list(self._connections):
             tasks.extend(self._close_connection(conn))
@@ -457,7 +463,10 @@ class SimServer:
         reply, result, latency, transfer, account = outcome
         delay = latency + self._pace(account, transfer)
         if delay <= 0:
-            self._send(conn, message.get("id"), reply, result)
+            if not self._outbox:
+                self._loop.call_soon(self._release)
+            reply["id"] = message.get("id")
+            self._outbox.setdefault(conn, []).append((reply, (result,) if result else ()))
             return
         requests = self._connections.get(conn)
         if requests is None:
@@ -466,10 +475,36 @@ class SimServer:
         requests.add(task)
         task.add_done_callback(requests.discard)
 
+    def _release(self) -> None:
+        """Once per loop pass: commit the part rows saved by this pass's requests in one
+        transaction, then send their replies (one sendmsg per connection)."""
+        outbox, self._outbox = self._outbox, {}
+        if not self._commit_part_rows():   # nothing acknowledged that is not committed
+            failed = {"ok": False, "code": 500, "message": "INTERNAL_SIM_ERROR part rows not committed"}
+            outbox = {conn: [({**failed, "id": reply.get("id")}, ()) for reply, _ in frames]
+                      for conn, frames in outbox.items()}
+        for conn, frames in outbox.items():
+            if not conn.closed:
+                with contextlib.suppress(ConnectionError):
+                    conn.send_frames(frames)
+
+    def _commit_part_rows(self) -> bool:
+        commit = getattr(self._world, "commit_part_rows", None)
+        if commit is None:
+            return True
+        try:
+            commit()
+        except Exception as exc:
+            logger.bind(actor="sim").opt(exception=exc).error("sim could not commit part rows")
+            return False
+        return True
+
     async def _reply_later(self, conn: FrameConnection, request_id: Any, reply: dict, result: bytes,
                            delay: float) -> None:
         await asyncio.sleep(delay)
-        self._send(conn, request_id, reply, result)
+        if not self._commit_part_rows():
+            reply = {"ok": False, "code": 500, "message": "INTERNAL_SIM_ERROR part rows not committed"}
+        self._send(conn, request_id, reply, result if reply.get("ok") else b"")
         with contextlib.suppress(ConnectionError):
             await conn.drain()
 

@@ -89,6 +89,7 @@ class SimState:
         self.db.row_factory = sqlite3.Row
         self._key_users: dict[int, int | None] = {}   # auth key id -> user id (cleared on rollback)
         self._upload_fds: OrderedDict[tuple[int, int], int] = OrderedDict()   # (owner, file id) -> open fd
+        self._part_rows: list[tuple] = []   # rows of parts saved with defer=True, not yet committed
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -101,6 +102,7 @@ class SimState:
         self.secret = bytes.fromhex(secret)
 
     def close(self) -> None:
+        self.flush_part_rows()
         while self._upload_fds:
             os.close(self._upload_fds.popitem()[1])
         self.db.close()
@@ -122,7 +124,8 @@ class SimState:
         return self.db.execute(sql, args)
 
     def transaction(self):
-        return _Txn(self.db, self._key_users.clear)
+        """``with state.transaction():`` - deferred part rows are committed before it begins."""
+        return _Txn(self.db, self._key_users.clear, self.flush_part_rows)
 
     def get_meta(self, key: str) -> str | None:
         row = self.one("SELECT value FROM meta WHERE key=?", key)
@@ -266,20 +269,34 @@ class SimState:
         self.upload_path(owner_id, file_id).unlink(missing_ok=True)
 
     def save_part(self, owner_id: int, file_id: int, part: int, total: int,
-                  data, now: float) -> None:
-        """Write one part (any bytes-like object) at its slot and record it."""
+                  data, now: float, *, defer: bool = False) -> None:
+        """Write one part (any bytes-like object) at its slot and record it: at once, or with
+        ``defer`` in memory until ``flush_part_rows`` (or the next transaction) commits it."""
         fd = self._upload_fd(owner_id, file_id)
         view, offset = memoryview(data), part * self.PART_SLOT
         while view:
             written = os.pwrite(fd, view, offset)
             view, offset = view[written:], offset + written
-        self.run(
-            "INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size, created)"
-            " VALUES(?,?,?,?,?,?)",
-            owner_id, signed64(file_id), part, total, len(data), now,
-        )
+        row = (owner_id, signed64(file_id), part, total, len(data), now)
+        if defer:
+            self._part_rows.append(row)
+        else:
+            self.db.execute(_SAVE_PART, row)
+
+    def flush_part_rows(self) -> int:
+        """Commit the deferred part rows in one transaction; how many there were."""
+        rows, self._part_rows = self._part_rows, []
+        if not rows:
+            return 0
+        if self.db.in_transaction:
+            self.db.executemany(_SAVE_PART, rows)
+        else:
+            with _Txn(self.db):
+                self.db.executemany(_SAVE_PART, rows)
+        return len(rows)
 
     def parts(self, owner_id: int, file_id: int, newer_than: float) -> dict[int, tuple[int, int]]:
+        self.flush_part_rows()
         rows = self.all(
             "SELECT part, total, size FROM parts WHERE owner_id=? AND file_id=? AND created>=?",
             owner_id, signed64(file_id), newer_than,
@@ -287,11 +304,13 @@ class SimState:
         return {r["part"]: (r["total"], r["size"]) for r in rows}
 
     def drop_parts(self, owner_id: int, file_id: int) -> None:
+        self.flush_part_rows()
         self.run("DELETE FROM parts WHERE owner_id=? AND file_id=?", owner_id, signed64(file_id))
         self._forget_upload(owner_id, file_id)
 
     def prune_parts(self, older_than: float) -> int:
         """Forget parts older than ``older_than``; an upload left with no part loses its file."""
+        self.flush_part_rows()
         rows = self.all(
             "SELECT DISTINCT owner_id, file_id FROM parts WHERE created<?", older_than
         )
@@ -302,13 +321,19 @@ class SimState:
         return len(rows)
 
 
+_SAVE_PART = ("INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size, created)"
+              " VALUES(?,?,?,?,?,?)")
+
+
 class _Txn:
     """``with state.transaction():`` — BEGIN IMMEDIATE ... COMMIT / ROLLBACK."""
 
-    def __init__(self, db: sqlite3.Connection, on_rollback=None):
-        self.db, self.on_rollback = db, on_rollback
+    def __init__(self, db: sqlite3.Connection, on_rollback=None, before=None):
+        self.db, self.on_rollback, self.before = db, on_rollback, before
 
     def __enter__(self):
+        if self.before is not None:
+            self.before()
         self.db.execute("BEGIN IMMEDIATE")
         return self
 

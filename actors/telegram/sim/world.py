@@ -8,6 +8,7 @@ world may be used from several threads (socket server, tests, admin CLI).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,7 @@ class SimWorld:
         self._after: list[Callable[[], None]] = []
         self._undo: list[Callable[[], None]] = []
         self._saves = 0
+        self._deferring = threading.local()
 
     def close(self) -> None:
         with self._lock:
@@ -115,17 +117,20 @@ class SimWorld:
         """Answer one serialized TL request (any bytes-like object, not kept after the
         call); raises SimRpcError like Telegram would."""
         try:
-            obj = decode_part_request(request) or unwrap(decode(request))
+            part = decode_part_request(request)
+            obj = part or unwrap(decode(request))
         except Exception as exc:  # garbage in: a clean 400, never a crash
             raise SimRpcError(400, "INPUT_REQUEST_INVALID") from exc
         name = type(obj).__name__
+        # a deferred part save is one pwrite and a row in memory: no transaction of its own
+        deferred = part is not None and self.part_rows_deferred
         with self._lock:
             user_id = self._state.user_for_key(auth_key_id)
             self._faults.raise_for(name, user_id)
             ctx = Ctx(self, self._state, auth_key_id, user_id, self.clock())
             self._after, self._undo = [], []
             try:
-                with self._state.transaction():
+                with contextlib.nullcontext() if deferred else self._state.transaction():
                     result = handle(ctx, obj)
             except SimRpcError:
                 self._run_undo()
@@ -138,6 +143,22 @@ class SimWorld:
             for action in after:
                 action()
             return encode(result)
+
+    # -- group commit of part rows (the socket server's) -----------------------------
+    def defer_part_rows(self) -> None:
+        """Parts that requests on the calling thread save keep their row in memory until
+        ``commit_part_rows()`` (or any transaction) commits it: the socket server commits
+        once per loop pass and only then answers those requests, so an acknowledged part
+        is as durable as before, for one commit instead of one per part."""
+        self._deferring.on = True
+
+    @property
+    def part_rows_deferred(self) -> bool:
+        return getattr(self._deferring, "on", False)
+
+    def commit_part_rows(self) -> int:
+        with self._lock:
+            return self._state.flush_part_rows()
 
     def after_commit(self, action: Callable[[], None]) -> None:
         self._after.append(action)
