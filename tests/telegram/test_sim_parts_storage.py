@@ -180,3 +180,20 @@ def test_closing_the_world_commits_deferred_rows(tmp_path):
         assert again.document_bytes(channel, message.id) == data
     finally:
         again.close()
+
+
+def test_the_part_limit_follows_premium_changes_between_deferred_saves(env):
+    world, _clock, alice, _channel = env
+    world.defer_part_rows()                        # parts saved outside a transaction: premium cached
+
+    def part_of(total):
+        return functions.upload.SaveBigFilePartRequest(23, 0, total, b"x" * KIB)
+
+    with pytest.raises(SimRpcError, match="FILE_PARTS_INVALID"):
+        call(world, alice, part_of(4001))
+    assert call(world, alice, part_of(4000)) is True
+    world.set_premium(alice.user_id, True)
+    assert call(world, alice, part_of(4001)) is True
+    world.set_premium(alice.user_id, False)
+    with pytest.raises(SimRpcError, match="FILE_PARTS_INVALID"):
+        call(world, alice, part_of(4001))

@@ -95,8 +95,7 @@ def _check_bytes(data: bytes) -> None:
 
 
 def max_parts(ctx: Ctx) -> int:
-    row = ctx.user_row()
-    return ctx.world.max_parts_premium if row["premium"] else ctx.world.max_parts_regular
+    return ctx.world.max_parts_premium if ctx.state.premium(ctx.me()) else ctx.world.max_parts_regular
 
 
 def save_file_part(ctx: Ctx, req):

@@ -90,6 +90,9 @@ class SimState:
         self._key_users: dict[int, int | None] = {}   # auth key id -> user id (cleared on rollback)
         self._upload_fds: OrderedDict[tuple[int, int], int] = OrderedDict()   # (owner, file id) -> open fd
         self._part_rows: list[tuple] = []   # rows of parts saved with defer=True, not yet committed
+        # user id -> premium, for the part-count limit of every part saved outside a
+        # transaction; forgotten whenever a transaction (the only writer of users) begins or ends
+        self._premium: dict[int, bool] = {}
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -125,7 +128,11 @@ class SimState:
 
     def transaction(self):
         """``with state.transaction():`` - deferred part rows are committed before it begins."""
-        return _Txn(self.db, self._key_users.clear, self.flush_part_rows)
+        return _Txn(self.db, self._key_users.clear, self._begin, self._premium.clear)
+
+    def _begin(self) -> None:
+        self._premium.clear()
+        self.flush_part_rows()
 
     def get_meta(self, key: str) -> str | None:
         row = self.one("SELECT value FROM meta WHERE key=?", key)
@@ -146,6 +153,17 @@ class SimState:
     # -- users and keys ------------------------------------------------------
     def user(self, user_id: int):
         return self.one("SELECT * FROM users WHERE id=?", user_id)
+
+    def premium(self, user_id: int) -> bool:
+        try:
+            return self._premium[user_id]
+        except KeyError:
+            pass
+        row = self.one("SELECT premium FROM users WHERE id=?", user_id)
+        premium = bool(row and row[0])
+        if not self.db.in_transaction:
+            self._premium[user_id] = premium
+        return premium
 
     def user_by_username(self, username: str):
         return self.one("SELECT * FROM users WHERE lower(username)=lower(?)", username)
@@ -328,8 +346,8 @@ _SAVE_PART = ("INSERT OR REPLACE INTO parts(owner_id, file_id, part, total, size
 class _Txn:
     """``with state.transaction():`` — BEGIN IMMEDIATE ... COMMIT / ROLLBACK."""
 
-    def __init__(self, db: sqlite3.Connection, on_rollback=None, before=None):
-        self.db, self.on_rollback, self.before = db, on_rollback, before
+    def __init__(self, db: sqlite3.Connection, on_rollback=None, before=None, after=None):
+        self.db, self.on_rollback, self.before, self.after = db, on_rollback, before, after
 
     def __enter__(self):
         if self.before is not None:
@@ -339,6 +357,8 @@ class _Txn:
 
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.after is not None:
+            self.after()
         if exc_type and self.on_rollback is not None:
             self.on_rollback()
         return False
