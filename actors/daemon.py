@@ -420,14 +420,29 @@ class Daemon:
         """The VerifierActor (issue 4): checks, re-uploads and cleans up uploaded transfers."""
         from actors.verifier import VerifierActor
 
+        from actors.ingest.refetch import requeue_lost
+
+        # a lost package that came from ingest is fetched again from its source
+        on_lost = requeue_lost(self.storage, wake=self._wake_ingest, metrics=self.metrics)
+
         def verifier() -> pykka.ActorRef:
             return VerifierActor.start(
                 self.storage, _verify_settings(self.settings), accounts=self._account_refs,
                 node=self.node, metrics=self.metrics, clock=self.clock,
-                request_timeout=self.settings.telegram.request_timeout_seconds)
+                request_timeout=self.settings.telegram.request_timeout_seconds, on_lost=on_lost)
 
         # Not critical: uploads go on while a crashing verifier is restarted with backoff.
         return ChildSpec(VERIFIER, self._registered(VERIFIER, verifier), critical=False)
+
+    def _wake_ingest(self, channel_ids: list[int]) -> None:
+        """Scan these source channels now (a requeued lost package is claimed by the scan)."""
+        from actors.ingest.actor import ScanNow
+
+        ref = self._refs.get(INGEST)
+        if ref is None or not ref.is_alive():
+            return  # no ingest here (yet): the set waits, "ready", for the next scan
+        for channel_id in channel_ids:
+            ref.tell(ScanNow(str(channel_id)))
 
     def _account_for_upload(self, name: str) -> pykka.ActorRef:
         ref = self._refs.get(ACCOUNT_PREFIX + name) if name in self._accounts else None

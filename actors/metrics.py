@@ -203,9 +203,21 @@ class Metrics:
             "stashd_ingest_runs_total", "Scans of a mapping by result (finished, failed)",
             ["result"], registry=registry,
         )
+        self.ingest_refetch = Counter(
+            "stashd_ingest_refetch_total",
+            "Packages lost after cleanup fetched again from their source: requeued (by the "
+            "verifier), queued (downloaded again, lost parts queued), source_gone (lost for good)",
+            ["result"], registry=registry,
+        )
         for reason in ("too_large", "incomplete_set", "duplicate", "unreadable", "failed"):
             self.ingest_skipped.labels(reason=reason)
+        for result in ("requeued", "queued", "source_gone"):
+            self.ingest_refetch.labels(result=result)
         return self
+
+    def record_refetch(self, result: str, n: int = 1) -> None:
+        if getattr(self, "ingest_refetch", None) is not None:
+            self.ingest_refetch.labels(result=result).inc(n)
 
     def record_ingest(self, *, account: str | None = None, seen: int = 0, ingested: int = 0,
                       skipped: dict | None = None, downloaded: int = 0) -> None:

@@ -17,9 +17,10 @@ SIGKILL); leases of other nodes and of this process's verifiers are left to
 expire (``[verify] lease_seconds``). Two daemons must not share a state dir.
 
 ``on_lost(transfer, parts, missing_indexes)``: called when a message of a
-cleaned transfer is gone (state failed, "lost after cleanup: ..."); the
-daemon passes none yet -- the hook for the ingest engine to fetch an ingested
-archive again from its source channel.
+cleaned transfer is gone and there is nothing left to re-upload from (state
+failed, "lost after cleanup: ..."); the daemon passes
+``actors.ingest.refetch.requeue_lost``: a package that came from ingest is
+fetched again from its source channel.
 
 :class:`AccountsMessagePort` is the MessagePort over AccountActor refs: readers
 are the running accounts whose stored state is ready or cooling_down, the part's

@@ -95,6 +95,10 @@ API (all on ``Storage``)::
         # one transaction: set "ingested" (sha256, transfer_id, lease released);
         # its messages "ingested" with transfer_id; their document ids into
         # ingested_documents (existing rows kept); their skip rows removed
+    requeue_lost_package(transfer_id, *, reason) -> list[set_key]
+        # a package lost after cleanup: its "ingested" set(s) -> "ready" again,
+        # transfer id kept (the re-fetch marker), sha256 cleared, attempts,
+        # backoff and lease reset; one transaction
     mark_set_skipped(set_key, reason, *, detail=None, duplicate_of=None,
                      run_id=None, account=None, lease_owner=None) -> ArchiveSetRecord
         # one transaction: set "skipped" (reason); each message "skipped" with
@@ -931,6 +935,28 @@ class IngestStore:
         return self._run(tx, write=True, what=f"mark archive set {set_key!r} skipped")
 
     # -- skips -------------------------------------------------------------------------
+
+    def requeue_lost_package(self, transfer_id: str, *, reason: str) -> list[str]:
+        """A package lost after cleanup (its staged copy deleted): the archive set(s) that
+        were ingested as ``transfer_id`` go back to "ready" to be fetched again from their
+        source messages (actors.ingest.pipeline ``SetWorker``: a ready set that names a
+        transfer is a re-fetch of that transfer). One transaction; the set keeps its
+        transfer id, its sha256 is cleared (so phase 2 never settles it as a duplicate of
+        its own package while it is downloaded again), attempts/backoff/lease are reset.
+        Returns the set keys requeued (none: the transfer did not come from ingest, or is
+        being fetched again already)."""
+        ArchiveSet = self.entities.ArchiveSet
+
+        def tx():
+            now = self._ingest_now()
+            keys = []
+            for s in ArchiveSet.select(lambda a: a.transfer_id == transfer_id and a.state == "ingested"):
+                s.set(state="ready", sha256=None, reason=reason, lease_owner=None, lease_until=None,
+                      attempts=0, next_attempt_at=None, last_error=None, updated_at=now)
+                keys.append(s.set_key)
+            return sorted(keys)
+
+        return self._run(tx, write=True, what=f"requeue the sets of lost transfer {transfer_id!r}")
 
     def _put_skip(self, channel_id, message_id, reason, detail, set_key, run_id, account, now):
         Skip = self.entities.IngestSkip

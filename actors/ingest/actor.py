@@ -250,7 +250,7 @@ class IngestActor(SupervisedMixin, LoopActor):
         self.worker = SetWorker(storage, planner, settings, node=node, staging_dir=Path(ing.staging_dir),
                                 budget_for=budget_for, limit_for=limit_for, window=ing.download_window,
                                 clock=clock, chunk_size=chunk_size, sleep=sleep,
-                                set_lease_seconds=ing.set_lease_seconds)
+                                set_lease_seconds=ing.set_lease_seconds, metrics=metrics)
         self._last_sweep = 0.0
         self.phase2 = Phase2(storage, node=node, clock=clock, staging_dir=Path(ing.staging_dir))
         self._log = logger.bind(actor="ingest")

@@ -41,6 +41,10 @@ recorded as "seen" (no set, no skip), so no account examines them again.
    (format, creator, tags, source) is registered "pending"; the set moves to
    "uploading". The dispatcher and the uploaders do the rest.
 
+A ready set that names a transfer was put back by the verifier: its package was
+lost after cleanup, and :meth:`SetWorker._refetch` fetches it again from the
+source messages into that same transfer (actors.ingest.refetch).
+
 :class:`Phase2` -- after the upload (phase 1, by the uploader):
 ``follow_uploads`` moves sets whose transfer is uploaded to "ingested" (or
 ``duplicate`` when the dispatcher completed it by reference, "failed" when the
@@ -316,8 +320,9 @@ class SetWorker:
                  set_lease_seconds: float = SET_LEASE_SECONDS,
                  claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
                  sleep: Callable[[float], Any] = asyncio.sleep,
-                 lease_sleep: Callable[[float], Any] = asyncio.sleep):
+                 lease_sleep: Callable[[float], Any] = asyncio.sleep, metrics: Any = None):
         self.storage, self.planner, self.settings = storage, planner, settings
+        self.metrics = metrics
         self.node, self.staging_dir = node, Path(staging_dir)
         self.budget_for, self.limit_for = budget_for, limit_for
         self.window, self.clock, self.chunk_size = window, clock, chunk_size
@@ -392,6 +397,9 @@ class SetWorker:
                  if (n := parse_archive_name(m.file_name)) is not None]
         ordered = [p.ref for p in set_status(parts, settled=True).ordered]
         total = sum(m.size for m in ordered)
+        if rec.transfer_id is not None:  # requeued by the verifier: a lost package (refetch.py)
+            return await self._refetch(rec, ordered, port, account=account, mapping=mapping,
+                                       run_id=run_id, on_bytes=on_bytes)
         doc_ids = [m.document_id for m in ordered if m.document_id is not None]
         # 1. before any byte: the same Telegram documents were ingested already
         if doc_ids and len(doc_ids) == len(ordered) and set(doc_ids) <= store.ingested_document_ids(doc_ids):
@@ -410,49 +418,13 @@ class SetWorker:
                                     lease_owner=owner)
         # 2. download, one sha256 over the whole set
         channel = marked_channel(rec.channel_id)
-        fresh = await port.messages(channel, tuple(m.message_id for m in ordered))
-        documents: list[DocumentInfo] = []
-        for m, info in zip(ordered, fresh.messages):
-            if info is None or info.document is None or info.document.id != m.document_id:
-                store.mark_set_skipped(key, "unreadable", run_id=run_id, account=account,
-                                       lease_owner=owner,
-                                       detail=f"source message {m.message_id} is gone or changed")
-                return SetOutcome(key, "unreadable", detail=f"message {m.message_id} gone")
-            documents.append(info.document)
+        got = await self._download(rec, ordered, port, account=account, on_bytes=on_bytes)
+        if isinstance(got, str):
+            store.mark_set_skipped(key, "unreadable", run_id=run_id, account=account,
+                                   lease_owner=owner, detail=got)
+            return SetOutcome(key, "unreadable", detail=got)
+        paths, sha, downloaded, fresh = got
         folder = self.staged_dir(key)
-        set_hash = hashlib.sha256()
-        paths: list[Path] = []
-        downloaded = 0
-        last_renew = [self.clock()]
-        budget = self.budget_for(account) if self.budget_for is not None else None
-
-        def progress(nbytes: int) -> None:
-            if on_bytes is not None:
-                on_bytes(nbytes)
-            if self.clock() - last_renew[0] >= self.set_lease_seconds / 3:
-                last_renew[0] = self.clock()
-                store.renew_set_lease(key, owner, self.set_lease_seconds)
-
-        try:
-            for m, document in zip(ordered, documents):
-                path = folder / _safe_name(m.file_name)
-
-                async def refresh(m=m) -> DocumentInfo:
-                    again = await port.messages(channel, (m.message_id,))
-                    if not again.messages or again.messages[0] is None or again.messages[0].document is None:
-                        raise DownloadError(f"source message {m.message_id} is gone")
-                    return again.messages[0].document
-
-                result = await download_document(
-                    port, document, path, budget=budget, window=self.window, chunk_size=self.chunk_size,
-                    extra_hashers=[set_hash], refresh=refresh, on_progress=progress, clock=self.clock,
-                    sleep=self.sleep)
-                downloaded += result.downloaded_bytes
-                paths.append(path)
-        finally:
-            if budget is not None and hasattr(budget, "close"):
-                budget.close()
-        sha = set_hash.hexdigest()
         # 3. claim the content, then look again
         tid = transfer_id_for(key, sha)
         claim = store.claim_content(sha, claim_owner(self.node, tid), self.claim_lease_seconds, tid)
@@ -495,6 +467,137 @@ class SetWorker:
             journal_path(path).unlink(missing_ok=True)
         log.info("set {} ({} part(s), {} bytes) queued as transfer {}", key, len(paths), total, tid)
         return SetOutcome(key, "queued", tid, sha, downloaded)
+
+    async def _refetch(self, rec: Any, ordered: list, port: IngestAccountPort, *, account: str,
+                       mapping: Any = None, run_id: str | None = None,
+                       on_bytes: Callable[[int], None] | None = None) -> SetOutcome:
+        """Fetch the set of a transfer lost after cleanup again and queue the lost parts
+        (actors.ingest.refetch)."""
+        from actors.ingest.refetch import RefetchError, marked_reason, restored_manifest, same_split_limit
+        from storage.manifest import write_manifest
+
+        store, key, owner = self.storage, rec.set_key, self.set_owner(account)
+        t = store.get_transfer(rec.transfer_id)
+        if t is None:
+            store.set_archive_set_state(key, "failed", reason=f"re-fetch: transfer {rec.transfer_id} "
+                                        f"does not exist", lease_owner=owner, release_lease=True)
+            return SetOutcome(key, "failed", rec.transfer_id, detail="re-fetch: no such transfer")
+        if t.state != "failed":  # put back meanwhile (stashctl retry): phase 2 follows it
+            store.set_archive_set_state(key, "uploading", sha256=t.sha256, reason="",
+                                        lease_owner=owner, release_lease=True)
+            return SetOutcome(key, "queued", t.id, t.sha256, detail="re-fetch: no longer failed")
+        store.set_archive_set_state(key, "downloading", expected=("ready", "downloading"),
+                                    lease_owner=owner)
+        got = await self._download(rec, ordered, port, account=account, on_bytes=on_bytes)
+        why: str | None = got if isinstance(got, str) else None
+        folder = self.staged_dir(key)
+        if why is None:
+            paths, sha, downloaded, _ = got
+            if sha != t.sha256:
+                why = f"the source now holds other content (sha256 {sha[:12]}...)"
+        if why is not None:
+            if not isinstance(got, str):
+                self._remove_staged(got[0], folder)
+            return self._lost_for_good(rec, t, owner, why)
+        claim = store.claim_content(sha, claim_owner(self.node, t.id), self.claim_lease_seconds, t.id)
+        if not claim.granted:  # someone else works on this content now: a later round
+            store.release_set_lease(key, owner)
+            return SetOutcome(key, "busy", t.id, sha, downloaded,
+                              f"content claimed by {claim.holder or claim.existing_package}")
+        parts = store.list_parts(t.id)
+        try:
+            limit = same_split_limit([p.stat().st_size for p in paths], parts)
+            built = await asyncio.to_thread(_build_set_manifest, paths, t.destination, limit,
+                                            _caption(rec, mapping), self.clock, t.id,
+                                            f"{rec.base_name}.{rec.archive_format}")
+            manifest, lost = restored_manifest(t, parts, built)
+        except RefetchError as exc:
+            store.release_claim(sha, claim_owner(self.node, t.id))
+            self._remove_staged(paths, folder)
+            return self._lost_for_good(rec, t, owner, str(exc))
+        write_manifest(manifest, t.manifest_path)  # manifest first, then the rows
+        for index in lost:
+            store.set_part_random_id(t.id, index, manifest.parts[index].random_id)
+        store.set_transfer_state(t.id, "uploading", expected=("failed",), attempts=0, account=None,
+                                 reason=marked_reason(t, f"fetched again from channel "
+                                                         f"{rec.channel_id}, part(s) "
+                                                         f"{[i + 1 for i in lost]} sent again"))
+        store.set_archive_set_state(key, "uploading", sha256=sha, transfer_id=t.id, reason="",
+                                    lease_owner=owner, release_lease=True)
+        for path in paths:
+            journal_path(path).unlink(missing_ok=True)
+        self._metric("record_refetch", "queued")
+        log.warning("set {}: lost transfer {} fetched again from its source; part(s) {} queued "
+                    "for upload", key, t.id, [i + 1 for i in lost])
+        return SetOutcome(key, "queued", t.id, sha, downloaded, "re-fetched")
+
+    def _lost_for_good(self, rec: Any, t: Any, owner: str, why: str) -> SetOutcome:
+        from actors.ingest.refetch import marked_reason
+
+        store = self.storage
+        store.set_transfer_state(t.id, "failed", reason=marked_reason(t, f"SOURCE GONE: {why}"))
+        store.set_archive_set_state(rec.set_key, "failed", reason=f"re-fetch of lost transfer "
+                                    f"{t.id} failed: {why}", lease_owner=owner, release_lease=True)
+        self._metric("record_refetch", "source_gone")
+        log.error("TRANSFER {} LOST FOR GOOD: it was lost after cleanup and cannot be fetched "
+                  "again from channel {} (set {}): {}", t.id, rec.channel_id, rec.set_key, why)
+        return SetOutcome(rec.set_key, "lost", t.id, detail=why)
+
+    def _metric(self, name: str, *args) -> None:
+        fn = getattr(self.metrics, name, None) if self.metrics is not None else None
+        if fn is not None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - metrics never break ingest
+                log.debug("metric {} failed: {}", name, exc)
+
+    async def _download(self, rec: Any, ordered: list, port: IngestAccountPort, *, account: str,
+                        on_bytes: Callable[[int], None] | None = None):
+        """The set's documents, fetched fresh and downloaded in content order into its staging
+        folder with one sha256 over the whole content: (paths, sha256 hex, bytes downloaded,
+        the fresh MessagesResult), or why not (str: a source message is gone or changed)."""
+        store, key, owner = self.storage, rec.set_key, self.set_owner(account)
+        channel = marked_channel(rec.channel_id)
+        fresh = await port.messages(channel, tuple(m.message_id for m in ordered))
+        documents: list[DocumentInfo] = []
+        for m, info in zip(ordered, fresh.messages):
+            if info is None or info.document is None or info.document.id != m.document_id:
+                return f"source message {m.message_id} is gone or changed"
+            documents.append(info.document)
+        folder = self.staged_dir(key)
+        set_hash = hashlib.sha256()
+        paths: list[Path] = []
+        downloaded = 0
+        last_renew = [self.clock()]
+        budget = self.budget_for(account) if self.budget_for is not None else None
+
+        def progress(nbytes: int) -> None:
+            if on_bytes is not None:
+                on_bytes(nbytes)
+            if self.clock() - last_renew[0] >= self.set_lease_seconds / 3:
+                last_renew[0] = self.clock()
+                store.renew_set_lease(key, owner, self.set_lease_seconds)
+
+        try:
+            for m, document in zip(ordered, documents):
+                path = folder / _safe_name(m.file_name)
+
+                async def refresh(m=m) -> DocumentInfo:
+                    again = await port.messages(channel, (m.message_id,))
+                    if not again.messages or again.messages[0] is None or again.messages[0].document is None:
+                        raise DownloadError(f"source message {m.message_id} is gone")
+                    return again.messages[0].document
+
+                result = await download_document(
+                    port, document, path, budget=budget, window=self.window, chunk_size=self.chunk_size,
+                    extra_hashers=[set_hash], refresh=refresh, on_progress=progress, clock=self.clock,
+                    sleep=self.sleep)
+                downloaded += result.downloaded_bytes
+                paths.append(path)
+        finally:
+            if budget is not None and hasattr(budget, "close"):
+                budget.close()
+        return paths, set_hash.hexdigest(), downloaded, fresh
 
     async def _create_transfer(self, tid: str, paths: list[Path], sha: str, rec: Any,
                                mapping: Any) -> None:

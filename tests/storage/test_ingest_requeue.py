@@ -1,0 +1,56 @@
+"""storage ``requeue_lost_package`` (a package lost after cleanup goes back to its set to be
+fetched again) and the content claim of that re-fetch, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import pytest
+
+from storage import open_storage
+from tests.storage.test_ingest import CH, SHA, _msg, _package, _set
+
+
+@pytest.fixture
+def store(db_url, clock):
+    s = open_storage(db_url, clock=clock)
+    yield s
+    s.close()
+
+
+def ingested(store, key="k", tid="t1"):
+    _set(store, key)
+    _msg(store, 1 if key == "k" else 2, set_key=key, document_id=501 if key == "k" else 502)
+    store.claim_ready_sets("p", 1, 60)
+    return store.mark_set_ingested(key, transfer_id=tid, sha256=SHA, lease_owner="p")
+
+
+def test_the_ingested_set_of_a_lost_transfer_is_ready_again(store, clock):
+    _package(store)
+    ingested(store)
+    clock.advance(5)
+    assert store.requeue_lost_package("t1", reason="fetching again") == ["k"]
+    s = store.get_archive_set("k")
+    assert (s.state, s.transfer_id, s.sha256, s.lease_owner) == ("ready", "t1", None, None)
+    assert (s.attempts, s.next_attempt_at, s.reason) == (0, None, "fetching again")
+    # claimable at once, by the channel's scan
+    [claimed] = store.claim_ready_sets("q", 5, 60, channel_id=CH, states=("ready", "downloading"))
+    assert claimed.set_key == "k" and claimed.transfer_id == "t1"
+    # already requeued (not "ingested" any more): nothing twice
+    assert store.requeue_lost_package("t1", reason="again") == []
+
+
+def test_requeue_touches_only_the_sets_of_that_transfer(store):
+    _package(store)
+    ingested(store, "k", "t1")
+    ingested(store, "k2", "t2")
+    assert store.requeue_lost_package("t9", reason="x") == []     # not from ingest
+    assert store.requeue_lost_package("t1", reason="x") == ["k"]
+    assert store.get_archive_set("k2").state == "ingested"
+
+
+def test_the_lost_package_does_not_satisfy_its_own_refetch_claim(store):
+    _package(store, tid="t1")
+    # the re-fetch of t1 claims the content for t1 itself: granted
+    mine = store.claim_content(SHA, "node/t1", 60, "t1")
+    assert mine.granted and mine.existing_package is None
+    # any other set with the same content still finds the package: a duplicate of t1
+    other = store.claim_content(SHA, "node/t2", 60, "t2")
+    assert (other.granted, other.existing_package) == (False, "t1")
