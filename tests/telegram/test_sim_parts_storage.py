@@ -197,3 +197,21 @@ def test_the_part_limit_follows_premium_changes_between_deferred_saves(env):
     world.set_premium(alice.user_id, False)
     with pytest.raises(SimRpcError, match="FILE_PARTS_INVALID"):
         call(world, alice, part_of(4001))
+
+
+def test_deferred_rows_a_failed_commit_could_not_write_are_kept_for_the_next(env):
+    import sqlite3
+
+    world, _clock, alice, _channel = env
+    world.defer_part_rows()
+    upload(world, alice, 24, os.urandom(512 * KIB), 512 * KIB)
+    world._state.db.execute("PRAGMA busy_timeout=0")
+    other = sqlite3.connect(world.state_dir / "world.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                           # another writer holds the database
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            world.commit_part_rows()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert world.commit_part_rows() == 1 and rows_on_disk(world) == {0}

@@ -306,11 +306,15 @@ class SimState:
         rows, self._part_rows = self._part_rows, []
         if not rows:
             return 0
-        if self.db.in_transaction:
-            self.db.executemany(_SAVE_PART, rows)
-        else:
-            with _Txn(self.db):
+        try:
+            if self.db.in_transaction:
                 self.db.executemany(_SAVE_PART, rows)
+            else:
+                with _Txn(self.db):
+                    self.db.executemany(_SAVE_PART, rows)
+        except BaseException:
+            self._part_rows[:0] = rows   # still owed: the server answers their requests only once they are in
+            raise
         return len(rows)
 
     def parts(self, owner_id: int, file_id: int, newer_than: float) -> dict[int, tuple[int, int]]:
