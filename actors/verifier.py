@@ -2,7 +2,12 @@
 
 A ThreadingActor of its own (SupervisedMixin), so its checks never block other
 actors; it asks AccountActors (GetMessages, DownloadRange) with timeouts and
-is never asked by them.  Messages: actors.verifier_messages -- Tick (the
+is never asked by them.  The sha256 of an original before a re-upload (over
+``inline_hash_bytes``, 4 MiB) runs on a one-thread pool of the actor
+(:class:`actors.verifier_core.OriginalChecks`): the check is left "waiting"
+meanwhile, the actor keeps answering status and VerifyNow, and the hashing
+thread tells it OriginalChecked when done (the transfer is checked again at
+once; after interval_seconds anyway, should that tell be lost).  Messages: actors.verifier_messages -- Tick (the
 daemon's ticker), VerifyNow(transfer_id | None) -> VerifyResult,
 GetVerifierStatus -> VerifierStatusResult.
 
@@ -31,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import pykka
@@ -39,9 +46,9 @@ from loguru import logger
 
 from actors.account_messages import DownloadRange, GetMessages
 from actors.supervision import SupervisedMixin
-from actors.verifier_core import Verifier
+from actors.verifier_core import INLINE_HASH_BYTES, OriginalChecks, Verifier
 from actors.verifier_messages import (
-    GetVerifierStatus, Tick, VerifierStatusResult, VerifyNow, VerifyResult,
+    GetVerifierStatus, OriginalChecked, Tick, VerifierStatusResult, VerifyNow, VerifyResult,
 )
 
 __all__ = ["AccountsMessagePort", "VerifierActor", "idle_wait", "verifier_owner", "marker_adopter"]
@@ -147,7 +154,7 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
                  request_timeout: float = 60.0, adopt: Any = True,
                  on_lost: Callable[..., Any] | None = None, idle_seconds: float = 5.0,
                  monotonic: Callable[[], float] = time.monotonic, rng: Any = None,
-                 claim_limit: int | None = None):
+                 claim_limit: int | None = None, inline_hash_bytes: int = INLINE_HASH_BYTES):
         super().__init__()
         self.storage, self.settings, self.node = storage, settings, node
         self.owner = verifier_owner(node)
@@ -157,9 +164,15 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
                 adopt = marker_adopter(self.port)
             except ImportError:
                 adopt = None
+        # the sha256 of an original before a re-upload: on a thread of its own, so status
+        # and VerifyNow are answered during a multi-GB hash
+        self._hash_stop = threading.Event()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-hash")
+        originals = OriginalChecks(self._hasher, on_done=self._hash_done,
+                                   inline_bytes=inline_hash_bytes, cancelled=self._hash_stop)
         self.core = Verifier(storage, self.port, settings, owner=self.owner, clock=clock, rng=rng,
                              metrics=metrics, adopt=adopt or None, on_lost=on_lost,
-                             claim_limit=claim_limit)
+                             claim_limit=claim_limit, originals=originals)
         self._clock, self._monotonic, self._idle = clock, monotonic, idle_seconds
         self._next_idle_pass = 0.0          # monotonic: at most idle_seconds of skipped Ticks
         self._next_due_pass = 0.0           # clock: the next check we know of, or a delay
@@ -176,10 +189,37 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
         self._log.info("verifier {} started{}", self.owner,
                        f"; released {released} lease(s) of an earlier verifier" if released else "")
 
+    def on_stop(self) -> None:
+        try:
+            super().on_stop()
+        finally:
+            self._stop_hashing()
+
+    def on_failure(self, *exc_info) -> None:
+        try:
+            super().on_failure(*exc_info)
+        finally:
+            self._stop_hashing()
+
+    def _stop_hashing(self) -> None:
+        self._hash_stop.set()  # a running hash stops at its next 1 MiB block
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    def _hash_done(self, transfer_id: str) -> None:
+        """On the hashing thread: wake the actor (nothing else is touched here)."""
+        if self._hash_stop.is_set():
+            return
+        try:
+            self.actor_ref.tell(OriginalChecked(transfer_id))
+        except pykka.ActorDeadError:
+            pass
+
     def on_receive(self, message: Any) -> Any:
         match message:
             case Tick():
                 self._tick()
+            case OriginalChecked(transfer_id=tid):
+                self._original_checked(tid)
             case VerifyNow(transfer_id=tid):
                 return self._verify_now(tid)
             case GetVerifierStatus():
@@ -217,6 +257,17 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
         self._next_idle_pass = self._monotonic() + wait
         self._next_due_pass = now + wait
 
+    def _original_checked(self, transfer_id: str) -> None:
+        """A hash ended: the transfer is due now and the next pass acts on the verdict."""
+        try:
+            self.storage.schedule_check(transfer_id)
+        except Exception as exc:  # noqa: BLE001 - it is due after interval_seconds anyway
+            self._log.warning("transfer {}: could not schedule its check: {}", transfer_id, exc)
+            return
+        if self.settings.enabled:
+            self._next_idle_pass = self._next_due_pass = 0.0
+            self._tick()
+
     def _verify_now(self, transfer_id: str | None) -> VerifyResult:
         scheduled = self.storage.schedule_check(transfer_id)
         outcomes: list = []
@@ -240,4 +291,5 @@ class VerifierActor(SupervisedMixin, pykka.ThreadingActor):
             owner=self.owner, enabled=self.settings.enabled, passes=self._passes,
             last_pass_at=self._last_pass_at, due=due, lag_seconds=round(lag, 3),
             checks=dict(core.checks), outcomes=dict(core.outcomes), reuploads=core.reuploads,
-            cleanups=core.cleanups, lost=core.lost, last_error=core.last_error)
+            cleanups=core.cleanups, lost=core.lost, last_error=core.last_error,
+            hashing=core.originals.running)

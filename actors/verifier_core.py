@@ -53,7 +53,10 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
      at once, then ``compute_backoff(attempts)`` after the newest send) ->
      verifying, due when it is;
    - else the original is checked (:func:`check_original`: size, mtime,
-     sha256 of the missing parts' ranges): gone or changed -> failed with that
+     sha256 of the missing parts' ranges; the sha256 of more than 4 MiB runs
+     on the actor's hashing thread, :class:`OriginalChecks`: meanwhile the
+     transfer is "waiting", nothing recorded, lease released, due again when
+     the hash ends): gone or changed -> failed with that
      reason, nothing uploaded; an unreadable manifest -> failed; else the
      ``adopt(transfer, parts, manifest)`` hook (caption-marker search, the
      lost message never counts) may supply an orphan copy, recorded as is;
@@ -77,8 +80,9 @@ verified -> verifying when a part goes missing; verified -> cleaned; cleaned
 Functions (pure unless noted): ``compute_backoff(attempt, initial, maximum)``,
 ``batched(items, size)``, ``document_mismatch(part, info)``,
 ``reupload_allowed_at(transfer, parts, initial, maximum)``,
-``sample_blocks(length, samples, rng)``, ``check_original(manifest,
-part_indexes=None)`` (reads the files).
+``sample_blocks(length, samples, rng)``, ``stat_original(manifest)`` (stat
+only), ``check_original(manifest, part_indexes=None, cancelled=None)`` (reads
+the files).
 
 Ports: :class:`MessagePort` -- ``readers(channel, preferred)`` -> account
 names to try, ``get_messages(account, channel, ids)`` -> tuple of MessageInfo |
@@ -115,9 +119,11 @@ from storage.transfers import (
     UNSET, VERIFY_STATES, LeaseLostError, PartRecord, TransferRecord, TransferStateError,
 )
 
-__all__ = ["MessagePort", "PartCheck", "Verifier", "batched", "check_original",
-           "compute_backoff", "document_mismatch", "reupload_allowed_at", "sample_blocks",
-           "MAX_IDS_PER_CALL"]
+UNCHECKED = object()           # the original not looked at yet in this check
+
+__all__ = ["MessagePort", "OriginalChecks", "PENDING", "PartCheck", "Verifier", "batched",
+           "check_original", "compute_backoff", "document_mismatch", "reupload_allowed_at",
+           "sample_blocks", "stat_original", "MAX_IDS_PER_CALL"]
 
 MAX_IDS_PER_CALL = 100          # channels.getMessages returns at most 100 messages
 DEFAULT_CLAIM_FACTOR = 5        # transfers claimed per pass = batch_size * this
@@ -176,7 +182,12 @@ def sample_blocks(length: int, samples: int, rng: Any = random) -> list[int]:
     return sorted(rng.sample(range(count), samples))
 
 
-def _read_range(sources: Sequence[Any], offset: int, length: int) -> Iterator[bytes]:
+class OriginalCheckCancelledError(Exception):
+    """The verifier stopped while the original was being hashed."""
+
+
+def _read_range(sources: Sequence[Any], offset: int, length: int,
+                cancelled: Any = None) -> Iterator[bytes]:
     """Bytes [offset, offset+length) of the concatenation of ``sources`` (manifest SourceFiles)."""
     start = 0
     for src in sources:
@@ -187,6 +198,8 @@ def _read_range(sources: Sequence[Any], offset: int, length: int) -> Iterator[by
                 fh.seek(lo - start)
                 remaining = hi - lo
                 while remaining:
+                    if cancelled is not None and cancelled.is_set():
+                        raise OriginalCheckCancelledError(src.path)
                     block = fh.read(min(HASH_BLOCK_SIZE, remaining))
                     if not block:
                         raise OSError(f"{src.path}: shorter than expected")
@@ -195,12 +208,9 @@ def _read_range(sources: Sequence[Any], offset: int, length: int) -> Iterator[by
         start = end
 
 
-def check_original(manifest: Manifest, part_indexes: Iterable[int] | None = None) -> str | None:
-    """Why the original no longer matches the manifest (gone, size, mtime, sha256), or None.
-
-    ``part_indexes``: hash only those parts' ranges (against their sha256);
-    None: the whole content against the manifest's sha256.
-    """
+def stat_original(manifest: Manifest) -> str | None:
+    """Why the original no longer matches the manifest by its metadata (gone, size,
+    mtime), or None: the cheap part of :func:`check_original`, no byte read."""
     for src in manifest.sources:
         try:
             st = os.stat(src.path)
@@ -212,10 +222,31 @@ def check_original(manifest: Manifest, part_indexes: Iterable[int] | None = None
             return f"original changed: {src.path}: size {st.st_size}, uploaded {src.size}"
         if st.st_mtime_ns != src.mtime_ns:
             return f"original changed: {src.path}: modified since it was uploaded (mtime)"
+    return None
+
+
+def hash_bytes(manifest: Manifest, part_indexes: Iterable[int] | None = None) -> int:
+    """How many bytes :func:`check_original` reads for ``part_indexes``."""
+    if part_indexes is None:
+        return manifest.total_size
+    return sum(manifest.parts[i].length for i in set(part_indexes))
+
+
+def check_original(manifest: Manifest, part_indexes: Iterable[int] | None = None, *,
+                   cancelled: Any = None) -> str | None:
+    """Why the original no longer matches the manifest (gone, size, mtime, sha256), or None.
+
+    ``part_indexes``: hash only those parts' ranges (against their sha256);
+    None: the whole content against the manifest's sha256.  ``cancelled``: a
+    threading.Event that stops the hashing (OriginalCheckCancelledError).
+    """
+    changed = stat_original(manifest)
+    if changed is not None:
+        return changed
     try:
         if part_indexes is None:
             digest = hashlib.sha256()
-            for block in _read_range(manifest.sources, 0, manifest.total_size):
+            for block in _read_range(manifest.sources, 0, manifest.total_size, cancelled):
                 digest.update(block)
             if digest.hexdigest() != manifest.sha256:
                 return "original changed: content differs from the uploaded sha256"
@@ -223,13 +254,74 @@ def check_original(manifest: Manifest, part_indexes: Iterable[int] | None = None
         for index in sorted(set(part_indexes)):
             plan = manifest.parts[index]
             digest = hashlib.sha256()
-            for block in _read_range(manifest.sources, plan.offset, plan.length):
+            for block in _read_range(manifest.sources, plan.offset, plan.length, cancelled):
                 digest.update(block)
             if digest.hexdigest() != plan.sha256:
                 return f"original changed: part {index + 1} differs from the uploaded sha256"
     except OSError as exc:
         return f"original unreadable: {exc.strerror or exc}"
     return None
+
+
+# -- hashing originals off the verifier's thread ----------------------------------------------
+PENDING = object()             # OriginalChecks.verdict: the hash is still running
+INLINE_HASH_BYTES = 4 * 1024 * 1024  # hashed on the caller's thread up to this (milliseconds)
+
+
+class OriginalChecks:
+    """The verdict of :func:`check_original` for a re-upload, hashed by ``executor`` (a
+    one-thread pool of the VerifierActor) so the actor answers status and VerifyNow while
+    a multi-GB original is read; ``executor=None`` (tests of the core): on the caller's
+    thread. The metadata (gone, size, mtime) is always looked at at once, on the caller's
+    thread: only the sha256 is deferred, and only above ``inline_bytes``.
+
+    ``verdict(transfer_id, manifest, part_indexes)`` -> reason | None | PENDING. PENDING
+    starts the hash (one per transfer and question); ``on_done(transfer_id)`` is called
+    from the hashing thread when it ends, and the next ``verdict`` with the same question
+    (same manifest hash, parts and original size/mtime) returns its result once. A stale
+    question of a transfer is dropped when another is asked.
+    """
+
+    def __init__(self, executor: Any = None, *, on_done: Callable[[str], Any] | None = None,
+                 inline_bytes: int = INLINE_HASH_BYTES, cancelled: Any = None):
+        self.executor, self.on_done, self.inline_bytes = executor, on_done, inline_bytes
+        self.cancelled = cancelled
+        self._futures: dict[tuple, Any] = {}
+
+    @property
+    def running(self) -> int:
+        return sum(1 for f in self._futures.values() if not f.done())
+
+    def verdict(self, transfer_id: str, manifest: Manifest,
+                part_indexes: Iterable[int] | None = None) -> Any:
+        changed = stat_original(manifest)
+        if changed is not None:
+            self._forget(transfer_id)
+            return changed
+        indexes = None if part_indexes is None else tuple(sorted(set(part_indexes)))
+        if self.executor is None or hash_bytes(manifest, indexes) <= self.inline_bytes:
+            return check_original(manifest, indexes, cancelled=self.cancelled)
+        key = (transfer_id, manifest.sha256, indexes,
+               tuple((src.path, src.size, src.mtime_ns) for src in manifest.sources))
+        future = self._futures.get(key)
+        if future is None:
+            self._forget(transfer_id)
+            future = self._futures[key] = self.executor.submit(
+                check_original, manifest, indexes, cancelled=self.cancelled)
+            if self.on_done is not None:
+                future.add_done_callback(lambda _f, tid=transfer_id: self.on_done(tid))
+            return PENDING
+        if not future.done():
+            return PENDING
+        del self._futures[key]
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. cancelled: ask again next time
+            return f"original unreadable: {type(exc).__name__}: {exc}"
+
+    def _forget(self, transfer_id: str) -> None:
+        for key in [k for k in self._futures if k[0] == transfer_id]:
+            self._futures.pop(key).cancel()
 
 
 # -- ports -----------------------------------------------------------------------------------
@@ -261,7 +353,8 @@ class Verifier:
     def __init__(self, storage: Any, port: MessagePort, settings: Any, *, owner: str,
                  clock: Callable[[], float] = time.time, rng: Any = None, metrics: Any = None,
                  cleaner: Any = None, adopt: Callable[..., Any] | None = None,
-                 on_lost: Callable[..., Any] | None = None, claim_limit: int | None = None):
+                 on_lost: Callable[..., Any] | None = None, claim_limit: int | None = None,
+                 originals: OriginalChecks | None = None):
         if not owner:
             raise ValueError("verifier owner must not be empty")
         self.storage, self.port, self.settings = storage, port, settings
@@ -273,6 +366,7 @@ class Verifier:
             cleaner = Cleaner(storage, grace_seconds=settings.cleanup_grace_seconds, clock=clock)
         self.cleaner = cleaner
         self.adopt, self.on_lost = adopt, on_lost
+        self.originals = originals if originals is not None else OriginalChecks()
         self.batch_size = max(1, min(int(settings.batch_size), MAX_IDS_PER_CALL))
         # a deep check downloads deep_check_samples MiB per document: smaller passes
         factor = 1 if settings.deep_check else DEFAULT_CLAIM_FACTOR
@@ -504,12 +598,14 @@ class Verifier:
             self._log.warning("transfer {}: part(s) {} missing: {}", t.id,
                               [i + 1 for i in missing], why)
         present = sorted(i for i, c in checks.items() if c.result == "present")
-        checked = False  # the original proven unchanged in this check (not hashed twice)
+        changed: Any = UNCHECKED  # the verdict on the original, once asked (hashed once)
         if t.state == "cleaned":
             kept = self._kept_original(t)
+            if kept is PENDING:
+                return self._hashing(t, missing, why)
             if kept is not None:
                 return self._lost(t, parts, present, missing, why, kept)
-            checked = True
+            changed = None
             self._log.warning("transfer {}: part(s) {} lost after cleanup; the original was kept "
                               "and is unchanged: re-uploaded from its manifest", t.id,
                               [i + 1 for i in missing])
@@ -528,9 +624,33 @@ class Verifier:
                                             lease_owner=self.owner, release_lease=True)
             return TransferOutcome(t.id, "waiting", rec.state, tuple(missing),
                                    f"re-upload {t.attempts + 1} in {allowed - now:.0f}s: {why}")
+        if changed is UNCHECKED:
+            changed = self._original_verdict(t, missing + unsent)
+            if changed is PENDING:
+                return self._hashing(t, missing, why)
         self.storage.record_check(t.id, present=present, missing=missing, state="verifying",
                                   lease_owner=self.owner)
-        return self._reupload(t, parts, missing, unsent, why, original_checked=checked)
+        return self._reupload(t, parts, missing, unsent, why, changed=changed)
+
+    def _original_verdict(self, t: TransferRecord, indexes: list[int]) -> Any:
+        """check_original of the parts to send again (off this thread when large): reason,
+        None, PENDING, or UNCHECKED when the manifest cannot be read (_reupload says why)."""
+        try:
+            manifest = read_manifest(t.manifest_path)
+        except ManifestError:
+            return UNCHECKED
+        return self.originals.verdict(t.id, manifest, indexes)
+
+    def _hashing(self, t: TransferRecord, missing: list[int], why: str) -> TransferOutcome:
+        """The original is being hashed on the hashing thread: nothing recorded but the
+        check time; the lease is released and the transfer due again when the hash ends
+        (OriginalChecked to the actor) or, should that never come, after interval_seconds."""
+        state = "verifying" if t.state in ("uploaded", "verified") else None
+        rec = self.storage.record_check(t.id, state=state,
+                                        next_check_at=self.clock() + self.settings.interval_seconds,
+                                        lease_owner=self.owner, release_lease=True)
+        return TransferOutcome(t.id, "waiting", rec.state, tuple(missing),
+                               f"checking the original (sha256) before re-uploading: {why}")
 
     def _passed(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
                 now: float) -> TransferOutcome:
@@ -623,10 +743,10 @@ class Verifier:
             return f"nothing left to re-upload from: {exc}"
         if manifest.sha256 != t.sha256 or manifest.total_size != t.size:
             return "nothing left to re-upload from: the manifest does not match the transfer"
-        changed = check_original(manifest)
-        if changed is not None:
-            return f"nothing left to re-upload from: {changed}"
-        return None
+        changed = self.originals.verdict(t.id, manifest)
+        if changed is PENDING or changed is None:
+            return changed
+        return f"nothing left to re-upload from: {changed}"
 
     def _lost(self, t: TransferRecord, parts: list[PartRecord], present: list[int],
               missing: list[int], why: str, unrecoverable: str) -> TransferOutcome:
@@ -651,7 +771,7 @@ class Verifier:
         return TransferOutcome(t.id, "failed", rec.state, tuple(missing), reason)
 
     def _reupload(self, t: TransferRecord, parts: list[PartRecord], missing: list[int],
-                  unsent: list[int], why: str, *, original_checked: bool = False) -> TransferOutcome:
+                  unsent: list[int], why: str, *, changed: Any = UNCHECKED) -> TransferOutcome:
         """Re-upload ``missing`` parts from the manifest (``unsent`` ones already have a fresh id)."""
         try:
             manifest = read_manifest(t.manifest_path)
@@ -660,7 +780,8 @@ class Verifier:
                                  f"transfer whose original it deleted or found changed)", missing)
         except ManifestError as exc:
             return self._fail(t, f"cannot re-upload: {exc}", missing)
-        changed = None if original_checked else check_original(manifest, missing + unsent)
+        if changed is UNCHECKED:
+            changed = check_original(manifest, missing + unsent)
         if changed is not None:
             return self._fail(t, changed, missing)
         by_index = {p.index: p for p in parts}

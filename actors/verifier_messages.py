@@ -6,7 +6,10 @@
   ``stashctl verify [TRANSFER]`` asks (give the ask a timeout of a minute or so:
   a pass asks AccountActors).
 - :class:`GetVerifierStatus` (ask): replied with :class:`VerifierStatusResult`
-  (for ``stashctl status``; ``to_dict()`` is msgpack-safe).
+  (for ``stashctl status``; ``to_dict()`` is msgpack-safe).  Answered while an
+  original is hashed: that runs on the actor's hashing thread.
+- :class:`OriginalChecked` (tell, from the actor's own hashing thread): a hash
+  before a re-upload ended; the transfer is checked again at once.
 
 Outcome of one transfer's check, :class:`TransferOutcome`, ``result`` one of:
 
@@ -14,7 +17,8 @@ Outcome of one transfer's check, :class:`TransferOutcome`, ``result`` one of:
     "cleaned"     verified, then cleaned up (originals per policy; the manifest
                   removed unless the original was kept)
     "reuploading" parts missing; re-upload queued (state -> uploading)
-    "waiting"     parts missing, re-upload delayed by backoff (state verifying)
+    "waiting"     parts missing, re-upload delayed by backoff, or the original
+                  still being hashed before it (state verifying; cleaned kept)
     "failed"      max attempts reached, original gone/changed, manifest unusable
     "lost"        a message of a cleaned transfer is gone and its original was
                   deleted or changed (nothing to re-upload from; a kept, unchanged
@@ -28,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Tick", "VerifyNow", "GetVerifierStatus", "TransferOutcome", "VerifyResult",
-           "VerifierStatusResult", "OUTCOMES"]
+__all__ = ["Tick", "VerifyNow", "GetVerifierStatus", "OriginalChecked", "TransferOutcome",
+           "VerifyResult", "VerifierStatusResult", "OUTCOMES"]
 
 OUTCOMES = ("verified", "cleaned", "reuploading", "waiting", "failed", "lost", "error",
             "following", "skipped")
@@ -50,6 +54,14 @@ class VerifyNow:
 @dataclass(frozen=True)
 class GetVerifierStatus:
     pass
+
+
+@dataclass(frozen=True)
+class OriginalChecked:
+    """The hashing thread finished checking ``transfer_id``'s original (told to itself):
+    the transfer is due now, and a pass acts on the verdict."""
+
+    transfer_id: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class VerifierStatusResult:
     cleanups: int = 0
     lost: int = 0
     last_error: str | None = None
+    hashing: int = 0                 # originals being hashed now (off the actor's thread)
 
     def to_dict(self) -> dict:
         return asdict(self)

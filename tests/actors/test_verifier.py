@@ -314,3 +314,54 @@ def test_a_message_lost_after_cleanup_is_reuploaded_from_the_kept_original(env):
     env.clock.now += 3600
     env.tick()
     assert env.storage.get_transfer(tid).state == "cleaned" and path.exists()
+
+
+def test_status_is_answered_while_an_original_is_hashed(env, monkeypatch):
+    """The sha256 of the original before a re-upload runs on the verifier's hashing thread
+    (held here until the test lets it go): status asks are answered meanwhile, and the end
+    of the hash wakes the verifier, which re-uploads at once."""
+    import queue
+    import threading
+
+    import actors.verifier_core as core
+    from storage.transfers import TransferStore
+
+    started, release = threading.Event(), threading.Event()
+    real = core.check_original
+
+    def held(*args, **kwargs):
+        started.set()
+        assert release.wait(30), "the test never released the hash"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "check_original", held)
+    env.verifier.stop()
+    env.verifier = env.start_verifier(inline_hash_bytes=0)
+    tid, path = env.transfer(2 * MIB + 100_000, MIB)
+    env.upload(tid)
+    states: queue.Queue = queue.Queue()  # state moves from now on (the re-upload's)
+    original = TransferStore.set_transfer_state
+
+    def record(self, transfer_id, state, **kw):
+        rec = original(self, transfer_id, state, **kw)
+        states.put((transfer_id, state))
+        return rec
+
+    monkeypatch.setattr(TransferStore, "set_transfer_state", record)
+    part = env.storage.list_parts(tid)[1]
+    env.world.delete_messages(env.dest, [part.message_id])
+    env.clock.now += 60
+    env.verifier.tell(Tick())
+    assert started.wait(30)
+    # the hash is running (held): the actor answers at once, and says so
+    status = env.verifier.ask(GetVerifierStatus(), timeout=5)
+    assert status.hashing == 1 and status.outcomes == {"waiting": 1}
+    assert env.storage.get_transfer(tid).state == "verifying"
+    result = env.verifier.ask(VerifyNow(tid), timeout=5)   # a check meanwhile: still waiting
+    assert [o.result for o in result.outcomes] == ["waiting"]
+    release.set()
+    assert states.get(timeout=30) == (tid, "uploading")      # woken by the hash's end
+    status = env.verifier.ask(GetVerifierStatus(), timeout=5)
+    assert status.hashing == 0 and status.reuploads == 1
+    fresh = env.storage.list_parts(tid)[1]
+    assert fresh.message_id is None and fresh.misses == 1

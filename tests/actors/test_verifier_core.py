@@ -903,3 +903,100 @@ def test_a_disk_error_while_reuploading_is_retried_later(env, monkeypatch):
     env.clock.now += 30
     [o] = env.verifier.run_pass()
     assert (o.result, o.state) == ("reuploading", "uploading")
+
+
+# -- the original's sha256 off the verifier's thread ------------------------------------------
+class ManualExecutor:
+    """An executor that runs nothing until the test says so (no threads)."""
+
+    def __init__(self):
+        self.jobs: list = []
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+        future = Future()
+        self.jobs.append((future, fn, args, kwargs))
+        return future
+
+    def run_all(self):
+        jobs, self.jobs = self.jobs, []
+        for future, fn, args, kwargs in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_result(fn(*args, **kwargs))
+        return len(jobs)
+
+
+def hashed_env(env):
+    from actors.verifier_core import OriginalChecks
+    executor, done = ManualExecutor(), []
+    env.verifier = env.make_verifier("node/verifier#2", originals=OriginalChecks(
+        executor, on_done=done.append, inline_bytes=0))
+    return executor, done
+
+
+def test_a_large_original_is_hashed_off_the_pass_then_reuploaded(env):
+    executor, done = hashed_env(env)
+    tid = env.transfer(3 * MIB + 5, limit=MIB)
+    env.due()
+    before = env.storage.list_parts(tid)
+    env.port.delete(CHANNEL, before[1].message_id)
+    [o] = env.verifier.run_pass()
+    # nothing recorded but the check: the hash runs elsewhere, the lease is free
+    assert (o.result, o.state, o.missing) == ("waiting", "verifying", (1,))
+    assert "checking the original" in o.detail and len(executor.jobs) == 1
+    t = env.storage.get_transfer(tid)
+    assert t.lease_owner is None and t.next_check_at == env.clock.now + env.settings.interval_seconds
+    assert [p.misses for p in env.storage.list_parts(tid)] == [0, 0, 0, 0]
+    assert env.verifier.originals.running == 1
+    env.storage.schedule_check(tid)
+    assert [o.result for o in env.verifier.run_pass()] == ["waiting"]  # still hashing
+    assert len(executor.jobs) == 1                                     # not asked twice
+    assert executor.run_all() == 1 and done == [tid]
+    env.storage.schedule_check(tid)   # what the actor does on OriginalChecked
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (1,))
+    after = env.storage.list_parts(tid)
+    assert after[1].misses == 1 and after[1].random_id != before[1].random_id
+    assert env.verifier.originals.running == 0
+
+
+def test_a_hash_that_finds_the_original_changed_fails_it(env):
+    executor, done = hashed_env(env)
+    tid = env.transfer(2 * MIB, limit=MIB)
+    env.due()
+    t = env.storage.get_transfer(tid)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    st = os.stat(t.source_path)
+    with open(t.source_path, "r+b") as fh:  # same size and mtime: only the hash sees it
+        fh.write(b"\0" * 8)
+    os.utime(t.source_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [o.result for o in env.verifier.run_pass()] == ["waiting"]
+    executor.run_all()
+    env.storage.schedule_check(tid)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("failed", "failed") and "part 1 differs" in o.detail
+
+
+def test_a_cleaned_transfer_hashes_its_kept_original_off_the_pass(env):
+    executor, done = hashed_env(env)
+    tid = env.transfer(2 * MIB, limit=MIB, delete_original=False)
+    cleaned(env, tid)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("waiting", "cleaned") and env.lost == []
+    executor.run_all()
+    env.storage.schedule_check(tid)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (0,))
+
+
+def test_a_gone_original_is_seen_at_once_without_hashing(env):
+    executor, done = hashed_env(env)
+    tid = env.transfer(2 * MIB, limit=MIB)
+    env.due()
+    os.unlink(env.storage.get_transfer(tid).source_path)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("failed", "failed") and "original gone" in o.detail
+    assert executor.jobs == []
