@@ -38,10 +38,11 @@ sent (split, file names, captions with their marker, block hashes), so a
 message lost *after* cleanup is re-uploaded from it like any other miss --
 the verifier first proves the original unchanged (size, mtime, sha256 of the
 whole content against the transfer's) and writes a fresh random_id into it
-(actors.verifier_core).  Keeping the file costs ~32 bytes per MiB of content;
-rebuilding a plan from the original later would have to guess the captions and
-ids, and an original that was deleted or changed has nothing to re-upload
-from, so its manifest is removed as before.
+(actors.verifier_core).  Keeping the file costs ~32 bytes per MiB of content
+and keeps the exact captions and ids; rebuilding a plan from the original
+(actors.manifest_restore) is only the fallback for manifests an older cleanup
+removed, since it cannot restore a user caption.  An original that was deleted
+or changed has nothing to re-upload from, so its manifest is removed as before.
 CleanupRefusedError(transfer_id, reason): ``confirm`` said the messages are not
 all there (or could not be read) just before the deletion.
 CleanupDeferredError(transfer_id, reason): not yet, nothing touched -- an

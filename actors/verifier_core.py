@@ -40,6 +40,11 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
      whole content, equal to the transfer's) the miss takes the rules below
      like any other (cleaned -> verifying; attempts, back-off, adoption, a
      fresh random_id written into the manifest first, then uploading);
+     A manifest removed by an older cleanup (before it kept them) is planned
+     again from the kept original of a one-file transfer
+     (actors.manifest_restore: the stored split, every part's sha256 compared,
+     the stored random_ids; captions carry only the marker), on the hashing
+     thread; the same rebuild serves a re-upload after ``stashctl retry``;
    - any other cleaned transfer (original deleted or changed, manifest gone
      or not matching) -> failed "lost after cleanup: <miss>; nothing left to
      re-upload from: <why>" (log error, metric, ``on_lost`` hook: where ingest
@@ -113,7 +118,7 @@ from actors.verifier_messages import TransferOutcome
 from storage.errors import StorageError
 from storage.manifest import (
     HASH_BLOCK_SIZE, Manifest, ManifestError, ManifestNotFoundError, random_int64, read_manifest,
-    rewrite_part_random_id,
+    rewrite_part_random_id, write_manifest,
 )
 from storage.transfers import (
     UNSET, VERIFY_STATES, LeaseLostError, PartRecord, TransferRecord, TransferStateError,
@@ -299,15 +304,23 @@ class OriginalChecks:
             self._forget(transfer_id)
             return changed
         indexes = None if part_indexes is None else tuple(sorted(set(part_indexes)))
-        if self.executor is None or hash_bytes(manifest, indexes) <= self.inline_bytes:
-            return check_original(manifest, indexes, cancelled=self.cancelled)
-        key = (transfer_id, manifest.sha256, indexes,
-               tuple((src.path, src.size, src.mtime_ns) for src in manifest.sources))
+        question = ("hash", manifest.sha256, indexes,
+                    tuple((src.path, src.size, src.mtime_ns) for src in manifest.sources))
+        return self.deferred(transfer_id, question, hash_bytes(manifest, indexes),
+                             check_original, manifest, indexes, cancelled=self.cancelled)
+
+    def deferred(self, transfer_id: str, question: tuple, nbytes: int,
+                 fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)`` -- work that reads ``nbytes`` of ``transfer_id``'s
+        original -- at once when small or without executor, else on the executor: PENDING
+        until it has ended, then its result once (an exception: "original unreadable")."""
+        if self.executor is None or nbytes <= self.inline_bytes:
+            return fn(*args, **kwargs)
+        key = (transfer_id, *question)
         future = self._futures.get(key)
         if future is None:
             self._forget(transfer_id)
-            future = self._futures[key] = self.executor.submit(
-                check_original, manifest, indexes, cancelled=self.cancelled)
+            future = self._futures[key] = self.executor.submit(fn, *args, **kwargs)
             if self.on_done is not None:
                 future.add_done_callback(lambda _f, tid=transfer_id: self.on_done(tid))
             return PENDING
@@ -637,9 +650,35 @@ class Verifier:
         None, PENDING, or UNCHECKED when the manifest cannot be read (_reupload says why)."""
         try:
             manifest = read_manifest(t.manifest_path)
+        except ManifestNotFoundError:
+            return self._rebuild(t)
         except ManifestError:
             return UNCHECKED
         return self.originals.verdict(t.id, manifest, indexes)
+
+    def _rebuild(self, t: TransferRecord) -> Any:
+        """No manifest (a cleanup by a stashd that did not keep it): a one-file transfer
+        whose original was kept gets it planned again from the original
+        (actors.manifest_restore: the stored split, every part's sha256 compared, the
+        stored random_ids) and written: None; or why not (str); PENDING while it is read
+        on the hashing thread; UNCHECKED when there is no original to rebuild from."""
+        if t.delete_original or t.duplicate_of is not None:
+            return UNCHECKED
+        from actors.manifest_restore import rebuild_from_original
+
+        parts = self.storage.list_parts(t.id)
+        got = self.originals.deferred(t.id, ("rebuild", t.sha256, t.size), t.size,
+                                      rebuild_from_original, t, parts, clock=self.clock)
+        if got is PENDING or isinstance(got, str):
+            return got
+        changed = stat_original(got)  # changed since it was read?
+        if changed is not None:
+            return changed
+        write_manifest(got, t.manifest_path)
+        self._log.warning("transfer {}: manifest rebuilt from the kept original {} (removed at "
+                          "an earlier cleanup; same split and content, captions carry only the "
+                          "marker)", t.id, t.source_path)
+        return None
 
     def _hashing(self, t: TransferRecord, missing: list[int], why: str) -> TransferOutcome:
         """The original is being hashed on the hashing thread: nothing recorded but the
@@ -737,6 +776,11 @@ class Verifier:
         try:
             manifest = read_manifest(t.manifest_path)
         except ManifestNotFoundError:
+            rebuilt = self._rebuild(t)
+            if rebuilt is PENDING or rebuilt is None:
+                return rebuilt
+            if isinstance(rebuilt, str):
+                return f"nothing left to re-upload from: {rebuilt}"
             return ("nothing left to re-upload from: the manifest was removed at cleanup "
                     "(the original was deleted or had changed)")
         except ManifestError as exc:
@@ -773,6 +817,8 @@ class Verifier:
     def _reupload(self, t: TransferRecord, parts: list[PartRecord], missing: list[int],
                   unsent: list[int], why: str, *, changed: Any = UNCHECKED) -> TransferOutcome:
         """Re-upload ``missing`` parts from the manifest (``unsent`` ones already have a fresh id)."""
+        if isinstance(changed, str):  # the original, looked at before: gone or changed
+            return self._fail(t, changed, missing)
         try:
             manifest = read_manifest(t.manifest_path)
         except ManifestNotFoundError as exc:

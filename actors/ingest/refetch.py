@@ -48,7 +48,8 @@ from typing import Any, Callable, Sequence
 
 from loguru import logger
 
-from storage.manifest import UPLOAD_CHUNK_SIZE, Manifest, plan_sources, plan_split, random_int64
+from actors.manifest_restore import RestoreError as RefetchError
+from actors.manifest_restore import lost_parts, restored_manifest, same_split_limit
 
 __all__ = ["LOST_PREFIX", "RefetchError", "lost_parts", "marked_reason", "requeue_lost",
            "restored_manifest", "same_split_limit"]
@@ -56,70 +57,6 @@ __all__ = ["LOST_PREFIX", "RefetchError", "lost_parts", "marked_reason", "requeu
 LOST_PREFIX = "lost after cleanup"
 
 log = logger.bind(actor="ingest")
-
-
-class RefetchError(Exception):
-    """The set fetched again cannot be the lost transfer (another split, another content)."""
-
-
-def lost_parts(parts: Sequence[Any]) -> list[int]:
-    """Indexes of the parts to send again: no message, or not seen since the loss."""
-    return [p.index for p in parts if p.message_id is None or p.verified_at is None]
-
-
-def _round_up(n: int) -> int:
-    return max(UPLOAD_CHUNK_SIZE, -(-n // UPLOAD_CHUNK_SIZE) * UPLOAD_CHUNK_SIZE)
-
-
-def same_split_limit(sizes: Sequence[int], parts: Sequence[Any]) -> int:
-    """A size limit under which the manifest builder plans exactly the stored parts'
-    (offset, length) for sources of ``sizes``; RefetchError when there is none."""
-    spans = [(p.offset, p.length) for p in sorted(parts, key=lambda p: p.index)]
-    if not spans:
-        raise RefetchError("the transfer has no parts")
-    total = sum(sizes)
-    candidates = [_round_up(max(length for _, length in spans)), spans[0][1]]
-    for limit in candidates:
-        if limit < UPLOAD_CHUNK_SIZE:
-            continue
-        if len(sizes) > 1:
-            planned = plan_sources(list(sizes), limit) or plan_split(total, limit)
-        else:
-            planned = plan_split(total, limit)
-        if planned == spans:
-            return limit
-    raise RefetchError(f"no size limit plans the stored split {spans[:3]}... for sources of {list(sizes)}")
-
-
-def restored_manifest(transfer: Any, parts: Sequence[Any], built: Manifest, *,
-                      rng: Any = None) -> tuple[Manifest, list[int]]:
-    """``built`` (a manifest planned from the files fetched again, with the transfer's id)
-    made the lost transfer's: checked part by part against the stored parts, random_ids of
-    parts that keep their message kept, a fresh one for each lost part. Returns the
-    manifest and the lost part indexes. RefetchError when it is not the same content/split."""
-    if built.sha256 != transfer.sha256 or built.total_size != transfer.size:
-        raise RefetchError(f"the source now holds other content (sha256 {built.sha256[:12]}..., "
-                           f"{built.total_size} bytes; lost: {transfer.sha256[:12]}..., "
-                           f"{transfer.size} bytes)")
-    if built.transfer_id != transfer.id:
-        raise RefetchError(f"manifest of {built.transfer_id}, not {transfer.id}")
-    stored = sorted(parts, key=lambda p: p.index)
-    if len(built.parts) != len(stored):
-        raise RefetchError(f"{len(built.parts)} parts planned, {len(stored)} stored")
-    for plan, part in zip(built.parts, stored):
-        mine = (plan.offset, plan.length, plan.sha256, plan.file_name)
-        theirs = (part.offset, part.length, part.sha256, part.file_name)
-        if mine != theirs:
-            raise RefetchError(f"part {part.index + 1}: planned {mine}, stored {theirs}")
-    lost = lost_parts(stored)
-    manifest = built
-    for part in stored:
-        if part.index in lost:
-            rid = random_int64(rng) if rng is not None else random_int64()
-            manifest = manifest.with_random_id(part.index, rid)
-        else:
-            manifest = manifest.with_random_id(part.index, part.random_id)
-    return manifest, lost
 
 
 def requeue_lost(storage: Any, *, wake: Callable[[list[int]], Any] | None = None,

@@ -488,19 +488,19 @@ def test_a_miss_after_cleanup_with_the_original_kept_is_reuploaded(env):
     assert os.path.exists(t.source_path) and os.path.exists(t.manifest_path)
 
 
-@pytest.mark.parametrize("change", ["gone", "content", "manifest"])
+@pytest.mark.parametrize("change", ["gone", "content", "content, no manifest"])
 def test_a_miss_after_cleanup_with_the_original_changed_stays_lost(env, change):
     tid = env.transfer(2000, delete_original=False)
     cleaned(env, tid)
     t = env.storage.get_transfer(tid)
     if change == "gone":
         os.unlink(t.source_path)
-    elif change == "content":  # same size, mtime put back: only the sha256 tells
+    else:  # same size, mtime put back: only the sha256 tells
         st = os.stat(t.source_path)
         with open(t.source_path, "r+b") as fh:
             fh.write(b"\0" * 16)
         os.utime(t.source_path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    else:
+    if change.endswith("no manifest"):  # removed by an older cleanup: a rebuild is refused
         os.unlink(t.manifest_path)
     env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
     posted = env.port.next_id
@@ -509,10 +509,51 @@ def test_a_miss_after_cleanup_with_the_original_changed_stays_lost(env, change):
     t = env.storage.get_transfer(tid)
     assert (o.result, t.state) == ("lost", "failed")
     why = {"gone": "original gone", "content": "original changed: content differs",
-           "manifest": "the manifest was removed at cleanup"}[change]
+           "content, no manifest": "original changed: the content differs"}[change]
     assert t.reason.startswith("lost after cleanup: message") and why in t.reason, t.reason
     assert env.storage.list_parts(tid)[0].message_id is not None  # nothing queued for upload
     assert env.port.next_id == posted and len(env.lost) == 1
+
+
+def test_a_manifest_removed_by_an_older_cleanup_is_rebuilt_from_the_kept_original(env):
+    tid = env.transfer(3 * MIB + 5, limit=MIB, delete_original=False)
+    cleaned(env, tid)
+    t = env.storage.get_transfer(tid)
+    old = read_manifest(t.manifest_path)
+    os.unlink(t.manifest_path)   # what cleanup did before it kept the manifest of a kept original
+    before = env.storage.list_parts(tid)
+    env.port.delete(CHANNEL, before[2].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (2,))
+    m = read_manifest(t.manifest_path)
+    assert m.transfer_id == tid and m.sha256 == t.sha256
+    assert [(p.offset, p.length, p.sha256, p.file_name, p.chunk_hashes) for p in m.parts] == \
+        [(p.offset, p.length, p.sha256, p.file_name, p.chunk_hashes) for p in old.parts]
+    after = env.storage.list_parts(tid)
+    assert [p.random_id for p in m.parts] == [p.random_id for p in after]  # manifest first
+    assert after[2].random_id != before[2].random_id
+    assert [p.random_id for p in after[:2]] == [p.random_id for p in before[:2]]
+    env.upload(tid, parts={2})   # the uploader reads the rebuilt manifest
+    env.due()
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("verified", "verified")
+
+
+def test_a_manifest_rebuild_runs_off_the_pass_too(env):
+    executor, done = hashed_env(env)
+    tid = env.transfer(2 * MIB, limit=MIB, delete_original=False)
+    cleaned(env, tid)
+    os.unlink(env.storage.get_transfer(tid).manifest_path)
+    env.port.delete(CHANNEL, env.storage.list_parts(tid)[0].message_id)
+    env.clock.now += env.settings.verified_interval_seconds
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state) == ("waiting", "cleaned") and len(executor.jobs) == 1
+    assert not os.path.exists(env.storage.get_transfer(tid).manifest_path)
+    executor.run_all()
+    env.storage.schedule_check(tid)
+    [o] = env.verifier.run_pass()
+    assert (o.result, o.state, o.missing) == ("reuploading", "uploading", (0,))
 
 
 def test_retry_of_a_lost_transfer_reuploads_once_the_original_is_back(env, tmp_path):

@@ -76,7 +76,7 @@ def test_other_content_is_refused(tmp_path):
     paths = files(tmp_path, [MIB + 3])
     t, parts = stored(build(paths, MIB))
     other = files(tmp_path, [MIB + 3], tag="b")
-    with pytest.raises(RefetchError, match="other content"):
+    with pytest.raises(RefetchError, match="content differs"):
         restored_manifest(t, parts, build(other, same_split_limit([MIB + 3], parts)))
 
 

@@ -121,3 +121,31 @@ def test_retry_of_a_transfer_lost_after_cleanup_once_the_original_is_back(env, u
     assert rc == 0, out + err
     [doc] = live_documents(world, channel).values()
     assert world.document_bytes(channel, doc["id"]) == data
+
+
+def test_retry_rebuilds_a_manifest_an_older_cleanup_removed(env, uploaded, capsys, tmp_path):
+    """The case reported: cleaned by a stashd that removed every manifest, the message lost,
+    the original kept: 'failed: lost after cleanup', and retry said 'manifest not found'.
+    Now the manifest is planned again from the kept original (same split, every part's
+    sha256 compared) and the lost part is sent again."""
+    world, channel, root, sock = env
+    path = root / "old.bin"
+    data = os.urandom(250_000)
+    path.write_bytes(data)
+    view = cleaned(sock, uploaded, path)
+    tid = view["id"]
+    [manifest] = (tmp_path / "manifests").glob(f"{tid}*")    # kept with the original
+    os.unlink(manifest)                           # what the older cleanup did
+    away = tmp_path / "away.bin"
+    os.rename(path, away)                         # and the original was not there at the check
+    [old] = live_documents(world, channel)
+    world.delete_messages(channel, [old])
+    rc, out, err = stashctl(capsys, sock, "verify", tid)
+    assert rc == 1, out + err
+    assert admin_call(sock, "transfer", {"id": tid})["state"] == "failed"
+    os.rename(away, path)
+    rc, out, err = stashctl(capsys, sock, "retry", tid)
+    assert rc == 0, out + err
+    assert uploaded.get(timeout=30) == tid
+    [doc] = live_documents(world, channel).values()
+    assert doc["id"] != old and world.document_bytes(channel, doc["id"]) == data
