@@ -13,7 +13,8 @@ GetVerifierStatus -> VerifierStatusResult.
 
     VerifierActor.start(storage, settings.verify, accounts=callable -> {name: ref},
                         node=..., metrics=None, clock=time.time,
-                        request_timeout=60.0, adopt=None, on_lost=None)
+                        request_timeout=60.0, adopt=None, on_lost=None,
+                        inline_hash_bytes=4 MiB)
 
 Lease owner: ``verifier_owner(node)`` = "<node>/verifier#<process>.<actor>",
 unique per process and actor; on start the leases of an earlier *process* of the
