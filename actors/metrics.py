@@ -206,12 +206,13 @@ class Metrics:
         self.ingest_refetch = Counter(
             "stashd_ingest_refetch_total",
             "Packages lost after cleanup fetched again from their source: requeued (by the "
-            "verifier), queued (downloaded again, lost parts queued), source_gone (lost for good)",
+            "verifier), queued (downloaded again, lost parts queued), source_gone (lost for good), "
+            "refused (fetched, but not the stored split: lost for good)",
             ["result"], registry=registry,
         )
         for reason in ("too_large", "incomplete_set", "duplicate", "unreadable", "failed"):
             self.ingest_skipped.labels(reason=reason)
-        for result in ("requeued", "queued", "source_gone"):
+        for result in ("requeued", "queued", "source_gone", "refused"):
             self.ingest_refetch.labels(result=result)
         return self
 

@@ -514,7 +514,8 @@ class SetWorker:
         except RefetchError as exc:
             store.release_claim(sha, claim_owner(self.node, t.id))
             self._remove_staged(paths, folder)
-            return self._lost_for_good(rec, t, owner, str(exc))
+            return self._lost_for_good(rec, t, owner, str(exc), label="CANNOT BE RESTORED",
+                                       result="refused")
         write_manifest(manifest, t.manifest_path)  # manifest first, then the rows
         for index in lost:
             store.set_part_random_id(t.id, index, manifest.parts[index].random_id)
@@ -531,14 +532,15 @@ class SetWorker:
                     "for upload", key, t.id, [i + 1 for i in lost])
         return SetOutcome(key, "queued", t.id, sha, downloaded, "re-fetched")
 
-    def _lost_for_good(self, rec: Any, t: Any, owner: str, why: str) -> SetOutcome:
+    def _lost_for_good(self, rec: Any, t: Any, owner: str, why: str, *,
+                       label: str = "SOURCE GONE", result: str = "source_gone") -> SetOutcome:
         from actors.ingest.refetch import marked_reason
 
         store = self.storage
-        store.set_transfer_state(t.id, "failed", reason=marked_reason(t, f"SOURCE GONE: {why}"))
+        store.set_transfer_state(t.id, "failed", reason=marked_reason(t, f"{label}: {why}"))
         store.set_archive_set_state(rec.set_key, "failed", reason=f"re-fetch of lost transfer "
                                     f"{t.id} failed: {why}", lease_owner=owner, release_lease=True)
-        self._metric("record_refetch", "source_gone")
+        self._metric("record_refetch", result)
         log.error("TRANSFER {} LOST FOR GOOD: it was lost after cleanup and cannot be fetched "
                   "again from channel {} (set {}): {}", t.id, rec.channel_id, rec.set_key, why)
         return SetOutcome(rec.set_key, "lost", t.id, detail=why)
