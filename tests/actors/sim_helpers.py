@@ -61,3 +61,17 @@ def uploaded_queue(monkeypatch) -> queue.Queue:
 
     monkeypatch.setattr(TransferStore, "mark_transfer_uploaded", mark)
     return done
+
+
+def daemon_settings(tmp_path, db_url, **sections):
+    """Settings of an in-process daemon over the sim: state in ``tmp_path``, no metrics
+    port, restarts without back-off; ``sections`` add or replace whole sections."""
+    return settings_from_dict({
+        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
+        "database": {"url": db_url},
+        "telegram": {"mode": "simulated"},
+        "metrics": {"enabled": False},
+        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
+                       "stop_timeout_seconds": 5},
+        **sections,
+    }, base_dir=tmp_path, env={})

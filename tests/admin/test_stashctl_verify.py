@@ -16,7 +16,7 @@ from actors.admin.client import call as admin_call
 from actors.admin.protocol import AdminCommandError
 from actors.daemon import Daemon
 from actors.telegram.sim.world import SimWorld, write_session_file
-from config import settings_from_dict
+from tests.actors.sim_helpers import daemon_settings
 from storage.transfers import TransferStore
 from tests.actors.sim_helpers import sim_account_starter, uploaded_queue
 
@@ -54,20 +54,14 @@ def env(tmp_path, monkeypatch, db_url):
     write_session_file(tmp_path / "sessions" / "alice.session", alice.auth_key)
     root = tmp_path / "files"
     root.mkdir()
-    settings = settings_from_dict({
-        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
-        "database": {"url": db_url},
-        "telegram": {"mode": "simulated"},
-        "metrics": {"enabled": False},
-        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
-                       "stop_timeout_seconds": 5},
+    settings = daemon_settings(tmp_path, db_url, **{
         "upload": {"roots": [str(root)], "destination": "stash_archive", "uploaders": 1, "window": 4},
         # only stashctl makes anything due; a re-upload is allowed at once
         "verify": {"first_check_delay_seconds": 3600, "interval_seconds": 3600,
                    "verified_interval_seconds": 86400, "backoff_initial_seconds": 0.001,
                    "backoff_max_seconds": 0.001, "max_attempts": 3,
                    "cleanup_grace_seconds": 3600},
-    }, base_dir=tmp_path, env={})
+    })
 
     daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     daemon.start()

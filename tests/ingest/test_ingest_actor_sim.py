@@ -17,6 +17,7 @@ from actors.admin.client import call as admin_call
 from actors.daemon import Daemon
 from actors.telegram.sim.world import SimWorld, write_session_file
 from config import settings_from_dict
+from tests.actors.sim_helpers import daemon_settings
 from storage.ingest import IngestStore
 from tests.actors.sim_helpers import sim_account_starter
 
@@ -68,17 +69,11 @@ def make_env(tmp_path, db_url, mappings, *, scan_interval=3600.0):
     src_b = world.create_channel("B", username="sim_source_b", members=ids + [poster.user_id])
     for name, user in users.items():
         write_session_file(tmp_path / "sessions" / f"{name}.session", user.auth_key)
-    settings = settings_from_dict({
-        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
-        "database": {"url": db_url},
-        "telegram": {"mode": "simulated"},
-        "metrics": {"enabled": False},
-        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
-                       "stop_timeout_seconds": 5},
+    settings = daemon_settings(tmp_path, db_url, **{
         "upload": {"destination": "stash_archive", "uploaders": 2, "window": 4},
         "ingest": {"scan_interval_seconds": scan_interval, "scan_jitter_seconds": 0,
                    "download_window": 4, "mappings": mappings},
-    }, base_dir=tmp_path, env={})
+    })
 
     daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     return daemon, world, poster, dest, src_a, src_b

@@ -15,7 +15,7 @@ import pytest
 from actors.admin.client import call as admin_call
 from actors.daemon import Daemon
 from actors.telegram.sim.world import SimWorld, write_session_file
-from config import settings_from_dict
+from tests.actors.sim_helpers import daemon_settings
 from tests.actors.sim_helpers import sim_account_starter
 from tests.ingest.test_ingest_actor_sim import changes, destination_docs, zip_bytes  # noqa: F401
 
@@ -31,13 +31,7 @@ def env(tmp_path, db_url):
     src = world.create_channel("A", username="sim_source_a", members=[alice.user_id, poster.user_id])
     other = world.create_channel("B", username="sim_source_b", members=[alice.user_id, poster.user_id])
     write_session_file(tmp_path / "sessions" / "alice.session", alice.auth_key)
-    settings = settings_from_dict({
-        "daemon": {"state_dir": str(tmp_path), "sessions_dir": "sessions"},
-        "database": {"url": db_url},
-        "telegram": {"mode": "simulated"},
-        "metrics": {"enabled": False},
-        "supervisor": {"backoff_initial_seconds": 0.0, "backoff_max_seconds": 0.0,
-                       "stop_timeout_seconds": 5},
+    settings = daemon_settings(tmp_path, db_url, **{
         "upload": {"destination": "stash_archive", "uploaders": 1, "window": 4},
         "verify": {"first_check_delay_seconds": 3600, "interval_seconds": 3600,
                    "verified_interval_seconds": 86400, "backoff_initial_seconds": 0.001,
@@ -45,7 +39,7 @@ def env(tmp_path, db_url):
         "ingest": {"scan_interval_seconds": 3600, "scan_jitter_seconds": 0, "download_window": 4,
                    "mappings": [{"account": "alice", "channel": "sim_source_a"},
                                 {"account": "alice", "channel": "sim_source_b"}]},
-    }, base_dir=tmp_path, env={})
+    })
     daemon = Daemon(settings, account_starter=sim_account_starter(world), tick_seconds=0.05)
     yield daemon, world, poster, dest, src, other
     daemon.stop()
