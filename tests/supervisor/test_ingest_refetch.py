@@ -113,7 +113,9 @@ def test_a_lost_package_whose_source_is_gone_too_stays_failed_loudly(env, change
     world.delete_messages(src, [msg_id])
     admin_call(daemon.settings.admin.socket, "verify", {"id": tid})
     [key] = [s.set_key for s in store.list_archive_sets(limit=10)]
-    changes(lambda: store.get_archive_set(key).state == "failed")
+    # the metric is counted just after the set's state is written: wait for both
+    changes(lambda: store.get_archive_set(key).state == "failed"
+            and refetch_metric(daemon, "source_gone") == 1)
     t = store.get_transfer(tid)
     assert t.state == "failed"
     assert t.reason.startswith("lost after cleanup:") and "SOURCE GONE" in t.reason, t.reason
