@@ -367,3 +367,60 @@ def test_parts_whose_rows_cannot_be_committed_are_not_acknowledged(threaded_serv
             await client.disconnect()
 
     asyncio.run(run())
+
+
+class CountingTransport(RemoteTransport):
+    """RemoteTransport that counts what went out together (invoke_many) and alone."""
+
+    def __init__(self, *args, counts: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts = counts
+
+    async def invoke_many(self, auth_key_id, calls):
+        self.counts.setdefault("together", []).append(len(calls))
+        return await super().invoke_many(auth_key_id, calls)
+
+    async def invoke(self, auth_key_id, request_name, data):
+        self.counts.setdefault("alone", []).append(request_name)
+        return await super().invoke(auth_key_id, request_name, data)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_requests_sent_together_go_out_in_one_write_each_with_its_own_outcome(threaded_server, sim_dir,
+                                                                              drop):
+    """client([...]): one invoke_many for the list; a refused request fails alone (MultiError);
+    a connection lost under the list resends its requests one by one, none lost."""
+    from telethon.tl.functions.upload import SaveBigFilePartRequest
+
+    world, counts, dropped = threaded_server.world, {}, []
+
+    def drop_first_part(auth_key_id, request_name):
+        if drop and request_name == "SaveBigFilePartRequest" and not dropped:
+            dropped.append(request_name)
+            return True
+        return False
+
+    world.should_drop = drop_first_part
+    sock = sim_dir / "sim.sock"
+
+    async def run():
+        client = make_sim_client(str(sim_dir / "sessions" / "alice.session"),
+                                 lambda: CountingTransport(sock, counts=counts))
+        client.flood_sleep_threshold = 0
+        await client.connect()
+        try:
+            requests = [SaveBigFilePartRequest(779, i, 4, payload(512 * 1024, i)) for i in range(3)]
+            requests.append(SaveBigFilePartRequest(779, 3, 4, b""))   # refused: FILE_PART_EMPTY
+            with pytest.raises(errors.MultiError) as info:
+                await asyncio.wait_for(client(requests), 30)
+            assert info.value.results[:3] == [True, True, True]
+            assert info.value.exceptions[:3] == [None, None, None]
+            assert isinstance(info.value.exceptions[3], errors.FilePartEmptyError)
+        finally:
+            await client.disconnect()
+
+    asyncio.run(run())
+    assert counts["together"] == [4]
+    assert dropped == (["SaveBigFilePartRequest"] if drop else [])
+    parts_alone = [name for name in counts.get("alone", []) if name == "SaveBigFilePartRequest"]
+    assert len(parts_alone) == (4 if drop else 0)   # after a drop: each resent on its own

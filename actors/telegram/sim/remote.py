@@ -419,14 +419,40 @@ class RemoteTransport:
             if not future.done():
                 future.set_exception(ConnectionError(str(error)))
 
-    async def invoke(self, auth_key_id: int, request_name: str, data) -> bytes:
-        conn = await self._ensure_connected()
+    def _frame(self, auth_key_id: int, request_name: str, data) -> tuple[int, tuple[dict, list]]:
         chunks = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
         # bytes cannot change while queued; anything else is copied once
         chunks = [c if isinstance(c, bytes) else bytes(c) for c in chunks]
         request_id = next(self._ids)
+        return request_id, ({"op": "invoke", "id": request_id, "key": auth_key_id, "name": request_name}, chunks)
+
+    async def invoke_many(self, auth_key_id: int, calls: Sequence[tuple[str, object]]) -> list:
+        """Several requests written at once (one ``sendmsg``): per ``(request_name, data)``
+        its reply bytes, or the SimRpcError / ConnectionError it ended with, in order.
+        A connection that cannot be reached or fails while writing raises ConnectionError."""
+        conn = await self._ensure_connected()
+        framed = [self._frame(auth_key_id, name, data) for name, data in calls]
         try:
-            conn.send({"op": "invoke", "id": request_id, "key": auth_key_id, "name": request_name}, chunks)
+            conn.send_frames([frame for _, frame in framed])
+        except ConnectionError as exc:
+            self._drop(conn, exc)
+            raise ConnectionError(f"sim server connection lost: {exc}") from None
+        loop = asyncio.get_running_loop()
+        futures = {request_id: loop.create_future() for request_id, _ in framed}
+        self._pending.update(futures)
+        try:
+            with contextlib.suppress(ConnectionError):
+                await conn.drain()
+            return list(await asyncio.gather(*futures.values(), return_exceptions=True))
+        finally:
+            for request_id in futures:
+                self._pending.pop(request_id, None)
+
+    async def invoke(self, auth_key_id: int, request_name: str, data) -> bytes:
+        conn = await self._ensure_connected()
+        request_id, (message, chunks) = self._frame(auth_key_id, request_name, data)
+        try:
+            conn.send(message, chunks)
         except ConnectionError as exc:
             self._drop(conn, exc)
             raise ConnectionError(f"sim server connection lost: {exc}") from None

@@ -12,6 +12,8 @@ one buffer with the TL header) and its answer parsed back with
 ``rpc_message_to_error``. A ConnectionError from the transport behaves like a
 dropped TCP connection: the sender reconnects (new transport) in the
 background and re-sends the requests that were in flight, as MTProtoSender does.
+A list of requests (``client([...])``) goes to a transport with ``invoke_many``
+in one write, as MTProtoSender packs what is queued together.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .handlers import unwrap
 from .handlers_upload import part_request_chunks
 
 MAX_RESENDS = 10
+_LOST = (ConnectionError, OSError, asyncio.IncompleteReadError)   # the connection, not the request
 
 
 def serialized(request) -> tuple:
@@ -175,6 +178,8 @@ class SimSender(MTProtoSender):
         items = [(r, serialized(r), loop.create_future()) for r in request]
         if ordered:
             self._spawn(self._run_ordered(items), [f for _r, _d, f in items])
+        elif len(items) > 1 and hasattr(self._transport, "invoke_many"):
+            self._spawn(self._run_many(items), [f for _r, _d, f in items])
         else:
             for item in items:
                 self._spawn(self._run(*item), [item[2]])
@@ -188,6 +193,32 @@ class SimSender(MTProtoSender):
     async def _run_ordered(self, items):
         for request, data, future in items:
             await self._run(request, data, future)
+
+    async def _run_many(self, items):
+        """Requests sent together (``client([...])``, e.g. an uploader's group of parts):
+        one write for all of them; what a lost connection interrupts goes on one by one
+        through ``_run``, with its resends."""
+        try:
+            await self._ready.wait()
+            transport = self._transport
+            if self._user_connected and transport is not None:
+                calls = [(request_name(r), chunks) for r, chunks, _future in items]
+                try:
+                    outcomes = await transport.invoke_many(self.auth_key_id, calls)
+                except _LOST as e:
+                    outcomes = [e] * len(items)
+                lost = [o for o in outcomes if isinstance(o, _LOST)]
+                if lost:
+                    self._start_reconnect(lost[0])
+                for (request, _chunks, future), outcome in zip(items, outcomes):
+                    if not isinstance(outcome, _LOST):
+                        self._settle(request, future, outcome)
+                items = [item for item, outcome in zip(items, outcomes) if isinstance(outcome, _LOST)]
+            await asyncio.gather(*(self._run(*item) for item in items))
+        except asyncio.CancelledError:
+            for _r, _c, future in items:
+                future.cancel()
+            raise
 
     async def _run(self, request, chunks: tuple, future: asyncio.Future):
         name = request_name(request)
@@ -204,28 +235,34 @@ class SimSender(MTProtoSender):
                     data = joined = joined if joined is not None else b"".join(chunks)
                 try:
                     body = await transport.invoke(self.auth_key_id, name, data)
-                except SimRpcError as e:
-                    _set(future, exception=rpc_message_to_error(RpcError(e.code, e.message), request))
-                    return
-                except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                except _LOST as e:
                     self._start_reconnect(e)
                     continue
-                except Exception as e:  # a transport bug must reach the caller, not hang it
-                    _set(future, exception=e)
-                    return
-                try:
-                    with BinaryReader(body) as reader:
-                        result = request.read_result(reader)
-                except Exception as e:  # e.g. TypeNotFoundError: the caller should see it
-                    _set(future, exception=e)
-                    return
-                self._store_own_updates(result)
-                _set(future, result=result)
+                except Exception as e:  # SimRpcError, or a transport bug: the caller sees it
+                    body = e
+                self._settle(request, future, body)
                 return
             _set(future, exception=ConnectionError(f"{name}: connection to the simulated Telegram lost"))
         except asyncio.CancelledError:
             future.cancel()
             raise
+
+    def _settle(self, request, future: asyncio.Future, outcome) -> None:
+        """A request's answer (reply bytes, or the exception it ended with) into its future."""
+        if isinstance(outcome, SimRpcError):
+            _set(future, exception=rpc_message_to_error(RpcError(outcome.code, outcome.message), request))
+            return
+        if isinstance(outcome, BaseException):
+            _set(future, exception=outcome)
+            return
+        try:
+            with BinaryReader(outcome) as reader:
+                result = request.read_result(reader)
+        except Exception as e:  # e.g. TypeNotFoundError: the caller should see it
+            _set(future, exception=e)
+            return
+        self._store_own_updates(result)
+        _set(future, result=result)
 
 
 def _set(future: asyncio.Future, *, result=None, exception=None) -> None:
