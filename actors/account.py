@@ -77,6 +77,7 @@ from actors.telegram.errors import (
     AccountPausedError,
     AccountUnavailableError,
     ChannelNotFoundError,
+    CoolingDownError,
     FilePartMissingError,
     FloodWaitError,
     InvalidRangeError,
@@ -87,12 +88,29 @@ from actors.telegram.errors import (
 __all__ = ["AccountActor", "NOT_AUTHORIZED"]
 
 NOT_AUTHORIZED = "session not authorized; run stashd login {name}"
+
 _FLOOD_ERRORS = (
     tg_errors.FloodWaitError,
     tg_errors.FloodPremiumWaitError,
     tg_errors.FloodTestPhoneWaitError,
     tg_errors.SlowModeWaitError,
 )
+_TELEGRAM_FAILURES = (tg_errors.RPCError, ConnectionError, OSError, TimeoutError)
+
+
+def _part_request(msg: UploadPart) -> Any:
+    if msg.big:
+        return functions.upload.SaveBigFilePartRequest(
+            file_id=msg.file_id, file_part=msg.index, file_total_parts=msg.total, bytes=msg.data
+        )
+    return functions.upload.SaveFilePartRequest(file_id=msg.file_id, file_part=msg.index, bytes=msg.data)
+
+
+def _part_outcome(msg: UploadPart, request: Any, ok: Any) -> PartUploadedResult:
+    """Telegram answers a saved part with true; anything else is a refusal."""
+    if not ok:
+        raise RpcError(request_kind(request), None, f"part {msg.index} refused")
+    return PartUploadedResult(msg.file_id, msg.index, len(msg.data))
 
 
 class AccountActor(SupervisedMixin, LoopActor):
@@ -273,22 +291,49 @@ class AccountActor(SupervisedMixin, LoopActor):
         self._ledger.check(kind)
         try:
             result = await call()
-        except _FLOOD_ERRORS as exc:
-            req = getattr(exc, "request", None)
-            self._forget_telethon_flood(req)
-            raise self._flooded(request_kind(req) if req is not None else kind, exc.seconds) from None
-        except (tg_errors.FilePartMissingError, tg_errors.FilePart0MissingError) as exc:
-            # Telethon gives part 0 a class of its own, without .which
-            self._metrics.request(kind, "error")
-            raise FilePartMissingError(kind, getattr(exc, "which", 0)) from None
-        except tg_errors.RPCError as exc:
-            self._metrics.request(kind, "error")
-            raise RpcError(kind, exc.code, rpc_error_name(exc)) from None
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            self._metrics.request(kind, "error")
-            raise RpcError(kind, None, f"connection failed: {exc!r}") from None
+        except _TELEGRAM_FAILURES as exc:
+            raise self._failure(kind, exc) from None
         self._metrics.request(kind, "ok")
         return result
+
+    async def _request_many(self, kind: str, requests: list) -> list:
+        """Requests of one ``kind`` in one Telethon call (``client([...])``: one
+        hand-off to the sender for all); each one's result or error (as _request
+        raises it), in order."""
+        try:
+            self._ledger.check(kind)
+        except CoolingDownError as exc:
+            return [exc] * len(requests)
+        try:
+            results = await self._client(requests)
+            failures = [None] * len(requests)
+        except tg_errors.MultiError as exc:   # some failed: Telethon keeps each one's outcome
+            results, failures = exc.results, exc.exceptions
+        except _TELEGRAM_FAILURES as exc:
+            error = self._failure(kind, exc)
+            return [error] * len(requests)
+        outcomes = []
+        for result, failure in zip(results, failures, strict=True):
+            if failure is None:
+                self._metrics.request(kind, "ok")
+                outcomes.append(result)
+            else:
+                outcomes.append(self._failure(kind, failure))
+        return outcomes
+
+    def _failure(self, kind: str, exc: BaseException) -> Exception:
+        """A Telethon failure as the error this actor answers with (recording floods)."""
+        if isinstance(exc, _FLOOD_ERRORS):
+            req = getattr(exc, "request", None)
+            self._forget_telethon_flood(req)
+            return self._flooded(request_kind(req) if req is not None else kind, exc.seconds)
+        self._metrics.request(kind, "error")
+        if isinstance(exc, (tg_errors.FilePartMissingError, tg_errors.FilePart0MissingError)):
+            # Telethon gives part 0 a class of its own, without .which
+            return FilePartMissingError(kind, getattr(exc, "which", 0))
+        if isinstance(exc, tg_errors.RPCError):
+            return RpcError(kind, exc.code, rpc_error_name(exc))
+        return RpcError(kind, None, f"connection failed: {exc!r}")
 
     async def _raw(self, request: Any) -> Any:
         return await self._request(request_kind(request), lambda: self._client(request))
@@ -465,29 +510,29 @@ class AccountActor(SupervisedMixin, LoopActor):
 
     async def _upload_part(self, msg: UploadPart) -> PartUploadedResult:
         self._ensure_working()
-        if msg.big:
-            request = functions.upload.SaveBigFilePartRequest(
-                file_id=msg.file_id, file_part=msg.index, file_total_parts=msg.total, bytes=msg.data
-            )
-        else:
-            request = functions.upload.SaveFilePartRequest(
-                file_id=msg.file_id, file_part=msg.index, bytes=msg.data
-            )
-        ok = await self._raw(request)
-        if not ok:
-            raise RpcError(request_kind(request), None, f"part {msg.index} refused")
-        return PartUploadedResult(msg.file_id, msg.index, len(msg.data))
+        request = _part_request(msg)
+        return _part_outcome(msg, request, await self._raw(request))
 
     async def _upload_parts(self, msg: UploadParts) -> PartsUploadedResult:
-        """Every part at once, each through _upload_part; errors are per part, in the reply."""
+        """Every part at once, in one Telethon call; errors are per part, in the reply."""
         self._ensure_working()
-        outcomes = await asyncio.gather(*(self._upload_part(p) for p in msg.parts), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome  # cancellation and the like are not a part's outcome
-        # the tracebacks would keep this loop's frames alive in the other thread
-        return PartsUploadedResult(tuple(o.with_traceback(None) if isinstance(o, BaseException) else o
-                                         for o in outcomes))
+        requests = [_part_request(p) for p in msg.parts]
+        kinds = {request_kind(r) for r in requests}
+        if len(kinds) == 1:
+            answers = await self._request_many(kinds.pop(), requests)
+        else:   # small and big parts mixed: one call per part
+            answers = await asyncio.gather(*(self._raw(r) for r in requests), return_exceptions=True)
+        outcomes = []
+        for part, request, answer in zip(msg.parts, requests, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancellation and the like are not a part's outcome
+            try:
+                outcome = answer if isinstance(answer, Exception) else _part_outcome(part, request, answer)
+            except RpcError as exc:
+                outcome = exc
+            # the tracebacks would keep this loop's frames alive in the other thread
+            outcomes.append(outcome.with_traceback(None) if isinstance(outcome, Exception) else outcome)
+        return PartsUploadedResult(tuple(outcomes))
 
     async def _send_document(self, msg: SendDocument) -> DocumentSentResult:
         self._ensure_working()

@@ -284,6 +284,24 @@ def test_upload_parts_sends_a_group_concurrently_with_an_outcome_per_part(env):
     assert env.world.document_bytes(env.dest, sent.message_id) == data
 
 
+def test_a_flood_on_a_group_reaches_each_part_and_the_ledger_then_refuses_the_next(env):
+    ref = env.start("alice")
+    parts = tuple(UploadPart(4444, i, 3, os.urandom(512 * KIB), True) for i in range(3))
+    env.world.set_fault(Fault(kind="flood", request="SaveBigFilePartRequest", seconds=30))
+    outcomes = ask(ref, UploadParts(parts)).outcomes
+    assert [type(o) for o in outcomes] == [FloodWaitError] * 3
+    assert {(o.kind, o.seconds, o.until) for o in outcomes} == {
+        ("SaveBigFilePartRequest", 30, env.clock.now + 30)}
+    env.world.clear_faults()
+    assert env.storage.active_flood_waits("alice") == {"SaveBigFilePartRequest": env.clock.now + 30}
+    sent = len(env.requests(env.alice, "SaveBigFilePartRequest"))
+    outcomes = ask(ref, UploadParts(parts)).outcomes   # cooling down: nothing goes out
+    assert [type(o) for o in outcomes] == [CoolingDownError] * 3
+    assert len(env.requests(env.alice, "SaveBigFilePartRequest")) == sent
+    env.clock.now += 31
+    assert [o.index for o in ask(ref, UploadParts(parts)).outcomes] == [0, 1, 2]
+
+
 def test_big_file_parts_and_same_random_id_gives_one_message(env):
     ref = env.start("alice")
     data = os.urandom(3 * 512 * KIB + 1000)
