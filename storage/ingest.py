@@ -52,9 +52,12 @@ API (all on ``Storage``)::
     # a forward in another channel carries the same document id)
     find_ingested_document(document_id) -> IngestedDocumentRecord | None
     ingested_document_ids(document_ids) -> set[int]
+        # not those ingested as a transfer that is "failed" (lost): a forward
+        # of a lost package's document is downloaded, not skipped
     record_ingested_documents(entries, *, set_key=None, transfer_id=None) -> int
         # entries: iterable of (document_id, channel_id, message_id);
         # returns how many were new; an existing row is kept (first wins)
+        # unless its transfer failed: then it names this one (counted too)
 
     # archive sets (a single archive is a set of one part)
     upsert_archive_set(set_key, *, channel_id, topic_id=None, base_name,
@@ -635,27 +638,37 @@ class IngestStore:
         ids = sorted({int(i) for i in document_ids})
         if not ids:
             return set()
-        Document = self.entities.IngestedDocument
+        Document, Transfer = self.entities.IngestedDocument, self.entities.Transfer
 
         def tx():
             found: set[int] = set()
             for start in range(0, len(ids), 500):
                 batch = ids[start:start + 500]
-                found.update(select(d.document_id for d in Document if d.document_id in batch))
+                found.update(select(d.document_id for d in Document if d.document_id in batch
+                                    and not exists(t for t in Transfer if t.id == d.transfer_id
+                                                   and t.state == "failed")))
             return found
 
         return self._run(tx, write=False, what="look up ingested documents")
 
     def _insert_documents(self, entries, set_key, transfer_id) -> int:
-        """Inside a session: insert the missing document rows; return how many."""
-        Document = self.entities.IngestedDocument
+        """Inside a session: insert the missing document rows, and point a row whose transfer
+        failed (lost) at ``transfer_id``, the copy that holds the content now; return how many."""
+        Document, Transfer = self.entities.IngestedDocument, self.entities.Transfer
         now, added = self._ingest_now(), 0
+        fields = dict(set_key=set_key, transfer_id=transfer_id, created_at=now)
         for document_id, channel_id, message_id in entries:
-            if document_id is None or Document.get(document_id=int(document_id)) is not None:
+            if document_id is None:
                 continue
-            Document(document_id=int(document_id), channel_id=int(channel_id),
-                     message_id=int(message_id), set_key=set_key, transfer_id=transfer_id,
-                     created_at=now)
+            row = dict(channel_id=int(channel_id), message_id=int(message_id), **fields)
+            d = Document.get_for_update(document_id=int(document_id))
+            if d is None:
+                Document(document_id=int(document_id), **row)
+            elif (transfer_id is not None and d.transfer_id not in (None, transfer_id)
+                  and exists(t for t in Transfer if t.id == d.transfer_id and t.state == "failed")):
+                d.set(**row)
+            else:
+                continue
             added += 1
         return added
 

@@ -37,7 +37,9 @@ API (all on ``Storage``)::
     claim_content(sha256, owner, lease_seconds, transfer_id=None) -> ClaimResult
         ClaimResult(granted, existing_package, holder, lease_until)
         - a package with that hash exists -> granted False, existing_package =
-          its transfer id (checked again after the claim row is written)
+          its transfer id (checked again after the claim row is written); a
+          package whose transfer is "failed" (lost after cleanup, its re-fetch
+          pending or impossible; or given up) holds nothing and does not count
         - someone else holds a live lease -> granted False, holder = owner
         - no claim, an expired lease, or our own claim -> granted True
         - the package is ``transfer_id`` itself (a re-upload of a lost part of
@@ -45,7 +47,7 @@ API (all on ``Storage``)::
           unless another owner holds a live claim)
     renew_claim(sha256, owner, lease_seconds) -> bool     # False: we lost it
     release_claim(sha256, owner) -> bool
-    find_package(sha256) -> PackageRecord | None
+    find_package(sha256) -> PackageRecord | None   # None too when its transfer failed
 
     # upload progress (phase 1 of the two-phase write)
     record_part_sent(transfer_id, index, *, message_id, document_id, account)
@@ -59,8 +61,9 @@ API (all on ``Storage``)::
         # every part must have a message id (else TransferStateError);
         # state -> "uploaded", next_check_at = now + first_check_delay,
         # lease released, packages row sha256 -> transfer inserted (an existing
-        # package for the hash is kept), the content claim of this transfer is
-        # released -- all in one transaction
+        # package for the hash is kept, unless its transfer failed: then this
+        # transfer holds the content and the row points here), the content
+        # claim of this transfer is released -- all in one transaction
     mark_transfer_duplicate(transfer_id, duplicate_of) -> TransferRecord
         # completed by reference: duplicate_of set, state -> "uploaded",
         # next_check_at = now (the verifier follows duplicate_of)
@@ -133,7 +136,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from pony.orm import count, select
+from pony.orm import count, exists, select
 
 from storage.errors import StorageError
 
@@ -505,13 +508,12 @@ class TransferStore:
         if not owner:
             raise ValueError("claim owner must not be empty")
         sha = str(sha256).lower()
-        Claim, Package = self.entities.ContentClaim, self.entities.Package
+        Claim = self.entities.ContentClaim
 
         def package_of() -> str | None:
-            # a query, not Package.get: always asks the database again. The
-            # package of the claiming transfer itself does not count: that is a
-            # re-upload of a lost part of the stored package (the verifier).
-            found = select(p.transfer_id for p in Package if p.sha256 == sha).first()
+            # The package of the claiming transfer itself does not count: that is a
+            # re-upload of a lost part of the stored package (the verifier, a re-fetch).
+            found = self._live_package(sha)
             return None if transfer_id is not None and found == transfer_id else found
 
         def tx():
@@ -567,16 +569,28 @@ class TransferStore:
         return self._run(tx, write=True, what="release content claim")
 
     def find_package(self, sha256: str) -> PackageRecord | None:
+        """The package that holds this content; None when there is none or its transfer
+        failed (see :meth:`_live_package`)."""
         sha = str(sha256).lower()
         Package = self.entities.Package
 
         def tx():
-            p = Package.get(sha256=sha)
-            if p is None:
+            if self._live_package(sha) is None:
                 return None
+            p = Package.get(sha256=sha)
             return PackageRecord(p.sha256, p.transfer_id, p.destination, p.created_at)
 
         return self._run(tx, write=False, what="find package")
+
+    def _live_package(self, sha: str) -> str | None:
+        """Inside a session: the transfer id of the package of ``sha`` unless that transfer
+        is "failed" -- lost after cleanup (its re-fetch pending or impossible) or given up:
+        its content is not in the channel, so the same content found again must be uploaded
+        rather than skipped as a duplicate. A query, not Package.get: always asks the
+        database again. A package being restored (failed -> uploading) counts again."""
+        Package, Transfer = self.entities.Package, self.entities.Transfer
+        return select(p.transfer_id for p in Package if p.sha256 == sha and not exists(
+            t for t in Transfer if t.id == p.transfer_id and t.state == "failed")).first()
 
     # -- upload progress ------------------------------------------------------------
 
@@ -644,9 +658,14 @@ class TransferStore:
             now = self._now()
             t.set(state="uploaded", updated_at=now, next_check_at=now + float(first_check_delay),
                   lease_owner=None, lease_until=None)
-            if Package.get(sha256=t.sha256) is None:  # the first stored copy stays the package
+            # the first stored copy stays the package, unless its transfer failed (lost):
+            # then this copy holds the content (one row per hash: one live package)
+            package = Package.get_for_update(sha256=t.sha256)
+            if package is None:
                 Package(sha256=t.sha256, transfer_id=t.id, destination=t.destination,
                         created_at=now)
+            elif package.transfer_id != t.id and self._live_package(t.sha256) is None:
+                package.set(transfer_id=t.id, destination=t.destination, created_at=now)
             claim = Claim.get_for_update(sha256=t.sha256)
             if claim is not None and claim.transfer_id == t.id:
                 claim.delete()

@@ -442,7 +442,10 @@ class SetWorker:
             store.set_archive_set_state(key, "downloading", sha256=sha, lease_owner=owner,
                                         release_lease=True)
             return SetOutcome(key, "busy", None, sha, downloaded, f"content claimed by {claim.holder}")
-        existing = [t for t in store.transfer_for_sha256(sha) if t.state != "failed"]
+        # a transfer of this content already on its way is reused; never one completed by
+        # reference (it holds no copy of its own) nor a failed (lost) one
+        existing = [t for t in store.transfer_for_sha256(sha)
+                    if t.state != "failed" and t.duplicate_of is None]
         if existing:
             tid = existing[0].id
         else:
@@ -486,6 +489,9 @@ class SetWorker:
             store.set_archive_set_state(key, "uploading", sha256=t.sha256, reason="",
                                         lease_owner=owner, release_lease=True)
             return SetOutcome(key, "queued", t.id, t.sha256, detail="re-fetch: no longer failed")
+        package = store.find_package(t.sha256)
+        if package is not None and package.transfer_id != t.id:
+            return self._stored_again(rec, t, owner, package.transfer_id)
         store.set_archive_set_state(key, "downloading", expected=("ready", "downloading"),
                                     lease_owner=owner)
         got = await self._download(rec, ordered, port, account=account, on_bytes=on_bytes)
@@ -500,6 +506,9 @@ class SetWorker:
                 self._remove_staged(got[0], folder)
             return self._lost_for_good(rec, t, owner, why)
         claim = store.claim_content(sha, claim_owner(self.node, t.id), self.claim_lease_seconds, t.id)
+        if claim.existing_package:  # stored again meanwhile (another copy of the content)
+            self._remove_staged(paths, folder)
+            return self._stored_again(rec, t, owner, claim.existing_package, sha, downloaded)
         if not claim.granted:  # someone else works on this content now: a later round
             store.release_set_lease(key, owner)
             return SetOutcome(key, "busy", t.id, sha, downloaded,
@@ -544,6 +553,26 @@ class SetWorker:
         log.error("TRANSFER {} LOST FOR GOOD: it was lost after cleanup and cannot be fetched "
                   "again from channel {} (set {}): {}", t.id, rec.channel_id, rec.set_key, why)
         return SetOutcome(rec.set_key, "lost", t.id, detail=why)
+
+    def _stored_again(self, rec: Any, t: Any, owner: str, package: str, sha: str | None = None,
+                      downloaded: int = 0) -> SetOutcome:
+        """While the lost transfer ``t`` waited for its re-fetch, another copy of its content
+        was found and uploaded (a failed package does not count as stored: storage
+        ``claim_content``), and that copy is the package now: the set is its duplicate, the
+        lost transfer stays failed (its reason says where the content is) and nothing is
+        uploaded twice."""
+        from actors.ingest.refetch import marked_reason
+
+        store = self.storage
+        store.set_transfer_state(t.id, "failed", reason=marked_reason(
+            t, f"not needed, the content was stored again as transfer {package}"))
+        store.mark_set_skipped(rec.set_key, "duplicate", duplicate_of=package, lease_owner=owner,
+                               detail=f"lost transfer {t.id}: the same content was stored again "
+                                      f"as transfer {package}")
+        self._metric("record_refetch", "stored_again")
+        log.warning("set {}: lost transfer {} is not fetched again: its content was stored again "
+                    "as transfer {}", rec.set_key, t.id, package)
+        return SetOutcome(rec.set_key, "duplicate", package, sha, downloaded, "stored again")
 
     def _metric(self, name: str, *args) -> None:
         fn = getattr(self.metrics, name, None) if self.metrics is not None else None

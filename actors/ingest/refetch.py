@@ -22,8 +22,14 @@ ready set, and :meth:`actors.ingest.pipeline.SetWorker.process` hands it to
    (``claim_content(sha, owner, lease, transfer_id)``: the package row of the
    lost transfer does not count as "already stored" for its own re-fetch,
    while any *other* set with the same content still finds the package and is
-   skipped as its duplicate -- it is being restored, never uploaded twice);
-   another live claim -> left for a later round;
+   skipped as its duplicate once it is being restored -- never uploaded
+   twice); another live claim -> left for a later round.  Until then the
+   failed package holds nothing: another copy of the content found meanwhile
+   (a set in another channel, a local upload) is uploaded and becomes the
+   package (storage ``claim_content``, ``mark_transfer_uploaded``), and the
+   re-fetch, before or after its download, finds that package: the set is
+   skipped as its duplicate, the transfer stays failed ("not needed, the
+   content was stored again as ..."), ``result="stored_again"``;
 3. rebuilds the manifest with :func:`restored_manifest`: the same split as
    the stored parts (offset, length, sha256 and file name of every part are
    compared; any difference refuses the re-fetch), the random_id of every part

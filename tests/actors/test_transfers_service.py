@@ -107,6 +107,20 @@ def test_stored_content_completes_by_reference(env):
     assert view["duplicate_of"] == first.id and view["state"] == "uploaded"
 
 
+def test_content_of_a_lost_package_is_uploaded_again_not_by_reference(env):
+    settings, storage, root = env
+    (root / "one.bin").write_bytes(b"same" * 1000)
+    (root / "two.bin").write_bytes(b"same" * 1000)
+    p = planner(settings, storage)
+    [first] = p.plan([str(root / "one.bin")])
+    for part in storage.list_parts(first.id):
+        storage.record_part_sent(first.id, part.index, message_id=10 + part.index, document_id=None,
+                                 account="alice")
+    storage.mark_transfer_uploaded(first.id)
+    storage.set_transfer_state(first.id, "failed", reason="lost after cleanup: part 1")
+    [second] = p.plan([str(root / "two.bin")])
+    assert second.state == "planned" and second.duplicate_of is None  # to be uploaded
+
 def test_content_claimed_by_another_transfer_is_planned_anyway(env):
     settings, storage, root = env
     (root / "one.bin").write_bytes(b"same" * 1000)

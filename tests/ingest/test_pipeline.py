@@ -170,6 +170,43 @@ def test_too_large_and_incomplete_sets_are_reported(env):
     assert env.count("alice", "GetFileRequest") == 0
 
 
+def test_a_lost_package_does_not_hold_its_content_for_dedup(env):
+    """A package lost after cleanup (transfer failed, its set queued for a re-fetch) is no
+    reason to skip another copy of its content: a forward of it is downloaded and uploaded
+    and holds the content; the re-fetch then finds it stored again and fetches nothing."""
+    rig = Rig(env)
+    data = zip_bytes()
+    original = env.post("pack.zip", data)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [first] = rig.ingest_ready("alice", env.source_a)
+    rig.pretend_uploaded(first.transfer_id)
+    phase2 = Phase2(env.storage, node="node-1", clock=env.clock)
+    assert phase2.follow_uploads().ingested == 1
+    # the verifier's on_lost: the transfer failed, its set back to "ready" for a re-fetch
+    env.storage.set_transfer_state(first.transfer_id, "failed", reason="lost after cleanup: part 1")
+    [key] = env.storage.requeue_lost_package(first.transfer_id, reason="fetching again")
+
+    env.forward(env.source_a, original, env.source_b)      # the same Telegram document
+    rig.scan("bob", "sim_source_b", env.source_b)
+    [copy] = rig.ingest_ready("bob", env.source_b)
+    assert copy.result == "queued" and copy.transfer_id != first.transfer_id
+    assert (copy.sha256, copy.downloaded_bytes) == (first.sha256, len(data))
+    rig.pretend_uploaded(copy.transfer_id)
+    assert env.storage.find_package(first.sha256).transfer_id == copy.transfer_id
+    assert phase2.follow_uploads().ingested == 1
+
+    gets = env.count("alice", "GetFileRequest")
+    [again] = rig.ingest_ready("alice", env.source_a)        # the re-fetch of the lost one
+    assert (again.result, again.transfer_id, again.detail) == (
+        "duplicate", copy.transfer_id, "stored again")
+    assert env.count("alice", "GetFileRequest") == gets     # nothing downloaded
+    s = env.storage.get_archive_set(key)
+    assert (s.state, s.reason, s.transfer_id) == ("skipped", "duplicate", copy.transfer_id)
+    lost = env.storage.get_transfer(first.transfer_id)
+    assert lost.state == "failed" and f"stored again as transfer {copy.transfer_id}" in lost.reason
+    assert env.storage.find_ingested_document(
+        env.storage.set_messages(key)[0].document_id).transfer_id == copy.transfer_id
+
 def test_phase2_follows_the_upload_and_indexes_the_archive(env):
     rig = Rig(env)
     data = zip_bytes(n_files=4)

@@ -181,6 +181,24 @@ def _check_set_state_compare_and_set(store):
         store.set_archive_set_state("nope", "ready")
 
 
+def test_documents_of_a_failed_package_do_not_count_as_ingested(store):
+    """A forward of a lost package's document is a copy of the content: it is downloaded
+    rather than skipped before any byte, and its transfer takes the document rows over."""
+    _package(store, tid="t1")
+    assert store.record_ingested_documents([(77, CH, 10), (78, CH, 11)], set_key="k",
+                                           transfer_id="t1") == 2
+    assert store.ingested_document_ids([77, 78]) == {77, 78}
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
+    assert store.ingested_document_ids([77, 78]) == set()
+    # a new copy of the content (a forward of document 77) is ingested as t2
+    assert store.record_ingested_documents([(77, CH2, 50)], set_key="k2", transfer_id="t2") == 1
+    d = store.find_ingested_document(77)
+    assert (d.channel_id, d.message_id, d.set_key, d.transfer_id) == (CH2, 50, "k2", "t2")
+    assert store.ingested_document_ids([77, 78]) == {77}
+    # a live package's rows are kept: the first still wins
+    assert store.record_ingested_documents([(77, CH, 12)], transfer_id="t3") == 0
+    assert store.find_ingested_document(77).transfer_id == "t2"
+
 def test_mark_set_ingested_records_messages_documents_and_clears_skips(store):
     _set(store, parts=2)
     _msg(store, 1, part=1, document_id=501)

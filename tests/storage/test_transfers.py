@@ -261,6 +261,30 @@ def test_claim_recheck_after_claiming_sees_a_package(store):
     assert not store.release_claim(SHA, "w2")  # no claim row left behind
 
 
+def test_a_failed_package_does_not_count_as_stored(store, clock):
+    """A package whose transfer failed (lost after cleanup, re-fetch pending or
+    impossible) holds nothing: the same content found again is uploaded and becomes
+    the package; a live package (also one being restored) de-duplicates as before."""
+    _create(store)
+    _upload_all(store, "t1")
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
+    store.set_transfer_state("t1", "uploading", expected="failed")  # its re-fetch restores it
+    assert store.claim_content(SHA, "w2", 30, "t2") == ClaimResult(False, "t1", None, None)
+    assert store.find_package(SHA).transfer_id == "t1"
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: SOURCE GONE")
+    assert store.find_package(SHA) is None
+    assert store.claim_content(SHA, "w2", 30, "t2") == ClaimResult(True, None, "w2", clock.now + 30)
+    assert store.claim_content(SHA, "w1", 30, "t1").holder == "w2"  # a late re-fetch waits
+    _create(store, "t2")
+    clock.advance(5)
+    _upload_all(store, "t2", base=200)
+    pkg = store.find_package(SHA)
+    assert (pkg.transfer_id, pkg.created_at) == ("t2", clock.now)   # the new copy holds it now
+    assert not store.renew_claim(SHA, "w2", 30)  # released by the upload
+    assert store.claim_content(SHA, "w1", 30, "t1") == ClaimResult(False, "t2", None, None)
+    assert store.claim_content(SHA, "w3", 30, "t3") == ClaimResult(False, "t2", None, None)
+
+
 # -- chunk journal ------------------------------------------------------------------------
 
 
