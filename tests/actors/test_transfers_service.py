@@ -90,7 +90,8 @@ def test_directory_becomes_one_transfer_per_file_with_relative_captions(env):
     assert [p.length for p in storage.list_parts(big.id)] == [MIB, MIB, MIB, 5]
 
 
-def test_stored_content_completes_by_reference(env):
+def _uploaded_twin(env):
+    """Two files of the same content; the first planned and uploaded. Returns (planner, first)."""
     settings, storage, root = env
     (root / "one.bin").write_bytes(b"same" * 1000)
     (root / "two.bin").write_bytes(b"same" * 1000)
@@ -100,6 +101,12 @@ def test_stored_content_completes_by_reference(env):
         storage.record_part_sent(first.id, part.index, message_id=10 + part.index, document_id=None,
                                  account="alice")
     storage.mark_transfer_uploaded(first.id)
+    return p, first
+
+
+def test_stored_content_completes_by_reference(env):
+    _settings, storage, root = env
+    p, first = _uploaded_twin(env)
     [second] = p.plan([str(root / "two.bin")])
     assert second.state == "uploaded" and second.duplicate_of == first.id
     assert all(part.message_id is None for part in storage.list_parts(second.id))  # nothing uploaded
@@ -108,18 +115,12 @@ def test_stored_content_completes_by_reference(env):
 
 
 def test_content_of_a_lost_package_is_uploaded_again_not_by_reference(env):
-    settings, storage, root = env
-    (root / "one.bin").write_bytes(b"same" * 1000)
-    (root / "two.bin").write_bytes(b"same" * 1000)
-    p = planner(settings, storage)
-    [first] = p.plan([str(root / "one.bin")])
-    for part in storage.list_parts(first.id):
-        storage.record_part_sent(first.id, part.index, message_id=10 + part.index, document_id=None,
-                                 account="alice")
-    storage.mark_transfer_uploaded(first.id)
+    _settings, storage, root = env
+    p, first = _uploaded_twin(env)
     storage.set_transfer_state(first.id, "failed", reason="lost after cleanup: part 1")
     [second] = p.plan([str(root / "two.bin")])
     assert second.state == "planned" and second.duplicate_of is None  # to be uploaded
+
 
 def test_content_claimed_by_another_transfer_is_planned_anyway(env):
     settings, storage, root = env
