@@ -62,7 +62,8 @@ API (all on ``Storage``)::
         # state -> "uploaded", next_check_at = now + first_check_delay,
         # lease released, packages row sha256 -> transfer inserted (an existing
         # package for the hash is kept, unless its transfer failed: then this
-        # transfer holds the content and the row points here), the content
+        # transfer holds the content, the row points here and so does every
+        # transfer completed by reference to the failed one), the content
         # claim of this transfer is released -- all in one transaction
     mark_transfer_duplicate(transfer_id, duplicate_of) -> TransferRecord
         # completed by reference: duplicate_of set, state -> "uploaded",
@@ -121,7 +122,9 @@ API (all on ``Storage``)::
         # unless state is verified and every part has verified_at (a duplicate:
         # its duplicate_of transfer is verified or cleaned); rows are kept
     retry_transfer(transfer_id) -> TransferRecord     # operator retry of a failed one
-        # failed -> uploaded (a duplicate: follows duplicate_of again, due now),
+        # failed -> uploaded (a duplicate: follows duplicate_of again, due now;
+        # if that transfer failed, the live package of its content instead, or
+        # with none duplicate_of is dropped and it is uploaded itself, below),
         # -> verifying (every part has a message id; due now: a miss re-uploads),
         # -> uploading (some parts sent), -> planned (none sent); attempts = 0,
         # reason cleared, lease released. TransferStateError unless failed.
@@ -643,6 +646,7 @@ class TransferStore:
     ) -> TransferRecord:
         """Every part has its message: state "uploaded", package row, claim released."""
         Package, Claim = self.entities.Package, self.entities.ContentClaim
+        Transfer = self.entities.Transfer
 
         def tx():
             t = self._transfer_for_update(transfer_id)
@@ -665,7 +669,11 @@ class TransferStore:
                 Package(sha256=t.sha256, transfer_id=t.id, destination=t.destination,
                         created_at=now)
             elif package.transfer_id != t.id and self._live_package(t.sha256) is None:
-                package.set(transfer_id=t.id, destination=t.destination, created_at=now)
+                lost, tid = package.transfer_id, t.id
+                package.set(transfer_id=tid, destination=t.destination, created_at=now)
+                # transfers completed by reference to the lost copy follow this one now
+                for d in Transfer.select(lambda d: d.duplicate_of == lost and d.id != tid):
+                    d.set(duplicate_of=tid, updated_at=now)
             claim = Claim.get_for_update(sha256=t.sha256)
             if claim is not None and claim.transfer_id == t.id:
                 claim.delete()
@@ -1069,6 +1077,7 @@ class TransferStore:
 
     def retry_transfer(self, transfer_id: str) -> TransferRecord:
         """Operator retry: a failed transfer starts again (see the module docstring)."""
+        Transfer = self.entities.Transfer
 
         def tx():
             t = self._transfer_for_update(transfer_id)
@@ -1077,6 +1086,10 @@ class TransferStore:
                                          f"state is {t.state!r}; only a failed transfer is retried")
             parts = list(t.parts)
             sent = [p for p in parts if p.message_id is not None]
+            if t.duplicate_of is not None and Transfer[t.duplicate_of].state == "failed":
+                # the referenced copy is lost: follow the copy that holds the content now,
+                # or, with none, upload from this transfer's own original and manifest
+                t.duplicate_of = self._live_package(t.sha256)
             if t.duplicate_of is not None:
                 state = "uploaded"
             elif parts and len(sent) == len(parts):

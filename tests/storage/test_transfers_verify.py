@@ -150,6 +150,58 @@ def test_retry_of_a_failed_duplicate_follows_its_reference_again(store, clock):
     assert (rec.state, rec.duplicate_of, rec.next_check_at) == ("uploaded", "orig", clock.now)
 
 
+def _sent(store, tid, sha):
+    _create(store, tid, sha=sha)
+    for i in range(2):
+        store.record_part_sent(tid, i, message_id=hash(tid) % 1000 * 10 + i, document_id=None,
+                               account="alice")
+    return store.mark_transfer_uploaded(tid)
+
+
+def test_retry_of_a_duplicate_of_a_lost_package_uploads_it_from_its_own_original(store, clock):
+    """The referenced copy was lost (failed) and no other copy holds the content: following
+    it again would only fail again, so the retry drops the reference and the transfer is
+    planned from its own manifest and original."""
+    _sent(store, "orig", SHA)
+    _create(store, "dup", sha=SHA)
+    store.mark_transfer_duplicate("dup", "orig")
+    store.set_transfer_state("orig", "failed", reason="lost after cleanup: SOURCE GONE")
+    store.set_transfer_state("dup", "failed", reason="referenced transfer orig failed")
+    rec = store.retry_transfer("dup")
+    assert (rec.state, rec.duplicate_of, rec.reason) == ("planned", None, None)
+    assert store.claim_content(SHA, "node/dup", 60, "dup").granted  # nothing holds it: upload
+
+
+def test_a_new_copy_of_a_lost_package_takes_over_its_by_reference_transfers(store, clock):
+    """When another copy is uploaded and holds the content of the lost one, the transfers
+    completed by reference to the lost one follow the new copy (a failed one on its retry)."""
+    _sent(store, "orig", SHA)
+    for tid in ("dup", "dup2"):
+        _create(store, tid, sha=SHA)
+        store.mark_transfer_duplicate(tid, "orig")
+    store.set_transfer_state("orig", "failed", reason="lost after cleanup: SOURCE GONE")
+    store.set_transfer_state("dup", "failed", reason="referenced transfer orig failed")
+    _sent(store, "copy", SHA)
+    assert store.find_package(SHA).transfer_id == "copy"
+    assert store.get_transfer("dup2").duplicate_of == "copy"   # still fine: follows the copy
+    rec = store.retry_transfer("dup")
+    assert (rec.state, rec.duplicate_of, rec.next_check_at) == ("uploaded", "copy", clock.now)
+    assert store.get_transfer("orig").duplicate_of is None      # the lost one itself untouched
+
+
+def test_retry_of_a_duplicate_of_a_lost_package_follows_a_live_copy(store, clock):
+    """The reference failed and a copy holds the content (its takeover did not re-point
+    this transfer, say one referenced before): the retry follows the live copy."""
+    _sent(store, "orig", SHA)
+    store.set_transfer_state("orig", "failed", reason="lost after cleanup: SOURCE GONE")
+    _sent(store, "copy", SHA)
+    _create(store, "dup", sha=SHA)
+    store.mark_transfer_duplicate("dup", "orig")
+    store.set_transfer_state("dup", "failed", reason="referenced transfer orig failed")
+    rec = store.retry_transfer("dup")
+    assert (rec.state, rec.duplicate_of) == ("uploaded", "copy")
+
+
 def test_a_reupload_claims_the_content_of_its_own_package(store, clock):
     """The dispatcher claims content before it hands out a transfer, re-uploads included:
     the package row of the transfer itself must not make it a duplicate of itself."""
