@@ -25,8 +25,10 @@ that says which file and what is wrong; nothing else escapes ``read_manifest``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -205,20 +207,25 @@ def _caption(user_caption: str | None, marker: str) -> str:
     return f"{text}\n{marker}"
 
 
-def _hash_spans(path: Path, spans: list[tuple[int, int]]):
-    """Hash ``path`` in one pass on two threads; returns (whole-file sha256 hex,
-    [(offset, length, part sha256 hex, block digests)] per span).
+def _hash_spans(sources: list[tuple[Path, int]], spans: list[tuple[int, int]]):
+    """Hash the concatenation of ``sources`` ((path, planned size), laid end to
+    end) in one pass on two threads; returns (sha256 hex of everything,
+    [(offset, length, part sha256 hex, block digests)] per span, [sha256 hex of
+    each source]).
 
-    Three kinds of hash: the whole file's (one sequential stream), each part's
-    and the per-MiB block hashes. Part 0 is a prefix of the file, so its hash
-    is the whole-file stream's state at its end: only parts 1.. need a stream
-    of their own. Work is split in two halves of equal size, each thread
-    reading with its own handle what it hashes (a 1 MiB buffer each):
+    Four kinds of hash: the whole content's (one sequential stream), each
+    part's, each source's and the per-MiB block hashes. Part 0 and source 0 are
+    prefixes of the content, so their hashes are the whole stream's state at
+    their ends: only parts 1.. and sources 1.. need streams of their own (and
+    sources not at all when they are the parts, or when there is one). Work is
+    split in two halves of equal size, each thread reading with its own handles
+    what it hashes (a 1 MiB buffer each):
 
-    - this thread: the whole file, plus the first block hashes up to half the
-      size of parts 1..;
-    - the other: from there to the end, the remaining block hashes and parts
-      1.. (for a one-part file: every block hash).
+    - this thread: the whole content, plus the first block hashes up to half
+      the size of the other streams;
+    - the other: from there to the end, the remaining block hashes and the
+      streams of parts 1.. and sources 1.. (for one part from one source:
+      every block hash).
 
     Reading twice is cheaper than sharing: handing each buffer from a reader to
     hashing threads cost ~0.03 s of CPU per 200 MiB and left the reader the
@@ -230,95 +237,157 @@ def _hash_spans(path: Path, spans: list[tuple[int, int]]):
     blocks = [(part, offset, min(HASH_BLOCK_SIZE, start + length - offset))
               for part, (start, length) in enumerate(spans)
               for offset in range(start, start + length, HASH_BLOCK_SIZE)]
-    later_parts = sum(length for _, length in spans[1:])
-    mine = bisect.bisect_right([offset + length for _, offset, length in blocks], later_parts // 2)
+    source_spans, total = [], 0
+    for _, size in sources:
+        source_spans.append((total, size))
+        total += size
+    # the ways the content is cut whose pieces each need a sha256: the parts, and
+    # the sources unless they are the parts
+    tilings = [spans] if source_spans == spans else [spans, source_spans]
+    streams = sum(total - t[0][1] for t in tilings)
+    mine = bisect.bisect_right([offset + length for _, offset, length in blocks], streams // 2)
     digests: list[bytes | None] = [None] * len(blocks)
-    with open(path, "rb", buffering=0) as head, open(path, "rb", buffering=0) as tail:
-        if not os.path.samestat(os.fstat(head.fileno()), os.fstat(tail.fileno())):
-            raise SourceError(f"{path}: file changed while it was read; try again when it is complete")
-        other = _TailHasher(path, tail, blocks, mine, spans[0][1], digests)
+    with contextlib.ExitStack() as files:
+        heads, tails = [], []
+        for path, _ in sources:
+            heads.append(files.enter_context(open(path, "rb", buffering=0)))
+            tails.append(files.enter_context(open(path, "rb", buffering=0)))
+            if not os.path.samestat(os.fstat(heads[-1].fileno()), os.fstat(tails[-1].fileno())):
+                raise SourceError(f"{path}: file changed while it was read; try again when it is complete")
+        other = _TailHasher(_Concatenation(sources, tails), blocks, mine, tilings, digests)
         other.start()
         try:
+            head = _Concatenation(sources, heads)
             whole = hashlib.sha256()
+            prefix_ends = sorted({t[0][1] for t in tilings})
+            prefixes, next_end = {}, 0       # end of a tiling's first piece -> its sha256
             buf = memoryview(bytearray(HASH_BLOCK_SIZE))
             for i, (_, offset, length) in enumerate(blocks):
-                view = _read_exactly(path, head, buf[:length])
-                whole.update(view)
+                if other.failure is not None:
+                    break            # raised below, once the other thread is joined
+                view, at = head.fill(buf[:length]), offset
+                while next_end < len(prefix_ends) and prefix_ends[next_end] <= offset + length:
+                    cut = prefix_ends[next_end]
+                    whole.update(view[at - offset:cut - offset])
+                    prefixes[cut], at, next_end = whole.hexdigest(), cut, next_end + 1
+                whole.update(view[at - offset:])
                 if i < mine:
                     digests[i] = hashlib.sha256(view).digest()
-                if offset + length == spans[0][1]:
-                    first_part = whole.hexdigest()   # the file's stream so far is part 0's
         except BaseException:
             other.stop.set()
             raise
         finally:
             other.join()
         other.raise_failure()
-    part_hashes = [first_part, *other.part_hashes]
+    hashes = [[prefixes[t[0][1]], *pieces.digests] for t, pieces in zip(tilings, other.piece_hashes)]
+    part_hashes, source_hashes = hashes[0], hashes[-1]
     part_blocks: list[list[bytes]] = [[] for _ in spans]
     for (part, _, _), digest in zip(blocks, digests):
         part_blocks[part].append(digest)
-    return whole.hexdigest(), [(offset, length, part_hashes[i], tuple(part_blocks[i]))
-                               for i, (offset, length) in enumerate(spans)]
+    return (whole.hexdigest(),
+            [(offset, length, part_hashes[i], tuple(part_blocks[i]))
+             for i, (offset, length) in enumerate(spans)],
+            source_hashes)
 
 
-def _read_exactly(path, fh, view: memoryview) -> memoryview:
-    """Fill ``view`` from ``fh`` at its position; a file that ends first has shrunk."""
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            raise SourceError(f"{path}: file shrank while it was read")
-        got += n
-    return view
+class _Concatenation:
+    """Files read in order as one content, through handles opened by the caller:
+    ``fill`` a buffer from the current position (across file boundaries),
+    ``seek`` to an offset of the content. A file ends at its planned size: bytes
+    it gained are not read (the size check after the pass sees them); one that
+    ends before has shrunk."""
+
+    def __init__(self, sources: list[tuple[Path, int]], handles: list):
+        self._paths = [path for path, _ in sources]
+        self._sizes = [size for _, size in sources]
+        self._ends = list(itertools.accumulate(self._sizes))
+        self._handles = handles
+        self._index, self._left = 0, self._sizes[0]
+
+    def seek(self, offset: int) -> None:
+        self._index = bisect.bisect_right(self._ends, offset)
+        self._left = self._ends[self._index] - offset
+        self._handles[self._index].seek(self._sizes[self._index] - self._left)
+
+    def fill(self, view: memoryview) -> memoryview:
+        got = 0
+        while got < len(view):
+            if not self._left:
+                self._index += 1
+                self._left = self._sizes[self._index]
+                self._handles[self._index].seek(0)
+            n = self._handles[self._index].readinto(view[got:got + self._left])
+            if not n:
+                raise SourceError(f"{self._paths[self._index]}: file shrank while it was read")
+            got += n
+            self._left -= n
+        return view
+
+
+class _PieceHashes:
+    """sha256 of the pieces 1.. of a tiling (contiguous (offset, length) spans
+    from 0), fed the content in order from a position inside piece 0 (whose
+    hash is the whole stream's)."""
+
+    def __init__(self, spans: list[tuple[int, int]]):
+        self._ends = [offset + length for offset, length in spans]
+        self._index, self._hash = 0, None
+        self.digests: list[str] = []
+
+    def update(self, offset: int, view: memoryview) -> None:
+        at, end = offset, offset + len(view)
+        while at < end:
+            cut = min(end, self._ends[self._index])
+            if self._index:
+                self._hash.update(view[at - offset:cut - offset])
+            at = cut
+            if at == self._ends[self._index]:
+                if self._index:
+                    self.digests.append(self._hash.hexdigest())
+                self._index, self._hash = self._index + 1, hashlib.sha256()
 
 
 class _TailHasher(threading.Thread):
     """The second half of :func:`_hash_spans`: block hashes from index ``first``
-    on and the hashes of parts 1.., reading ``fh`` from the first byte it needs."""
+    on and the hashes of pieces 1.. of each tiling in ``tilings``, reading
+    ``reader`` from the first byte it needs."""
 
-    def __init__(self, path, fh, blocks, first: int, first_part_end: int, digests: list):
+    def __init__(self, reader: _Concatenation, blocks, first: int, tilings, digests: list):
         super().__init__(name="manifest-hash", daemon=True)
-        self._path, self._fh, self._blocks, self._first = path, fh, blocks, first
-        self._first_part_end, self._digests = first_part_end, digests
+        self._reader, self._blocks, self._first, self._digests = reader, blocks, first, digests
+        self._needed_from = min((t[1][0] for t in tilings if len(t) > 1), default=None)
+        self.piece_hashes = [_PieceHashes(t) for t in tilings]
         self.stop = threading.Event()
-        self.part_hashes: list[str] = []
-        self._failure: BaseException | None = None
+        self.failure: BaseException | None = None
 
     def run(self) -> None:
         try:
             self._hash()
         except BaseException as exc:   # handed to the caller by raise_failure
-            self._failure = exc
+            self.failure = exc
 
     def _hash(self) -> None:
-        blocks, first = self._blocks, self._first
-        start = next((i for i, (part, offset, _) in enumerate(blocks)
-                      if i >= first or offset >= self._first_part_end), len(blocks))
+        blocks, first, needed_from = self._blocks, self._first, self._needed_from
+        start = next((i for i, (_, offset, length) in enumerate(blocks)
+                      if i >= first or (needed_from is not None and offset + length > needed_from)),
+                     len(blocks))
         if start == len(blocks):
             return
-        self._fh.seek(blocks[start][1])
+        self._reader.seek(blocks[start][1])
         buf = memoryview(bytearray(HASH_BLOCK_SIZE))
-        part_hash, current = None, 0
         for i in range(start, len(blocks)):
             if self.stop.is_set():
                 return
-            part, _, length = blocks[i]
-            view = _read_exactly(self._path, self._fh, buf[:length])
+            _, offset, length = blocks[i]
+            view = self._reader.fill(buf[:length])
             if i >= first:
                 self._digests[i] = hashlib.sha256(view).digest()
-            if part:
-                if part != current:
-                    if part_hash is not None:
-                        self.part_hashes.append(part_hash.hexdigest())
-                    part_hash, current = hashlib.sha256(), part
-                part_hash.update(view)
-        if part_hash is not None:
-            self.part_hashes.append(part_hash.hexdigest())
+            for pieces in self.piece_hashes:
+                pieces.update(offset, view)
 
     def raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+        if self.failure is not None:
+            raise self.failure
 
 
 def build_manifest(path, destination: str, limit_bytes: int, caption: str | None = None,
@@ -335,7 +404,7 @@ def build_manifest(path, destination: str, limit_bytes: int, caption: str | None
         spans = plan_split(before.st_size, limit_bytes)
         if not spans:
             raise SourceError(f"{path}: file is empty; Telegram refuses empty documents")
-        whole, hashed = _hash_spans(path, spans)
+        whole, hashed, _ = _hash_spans([(path, before.st_size)], spans)
         after = path.stat()
     except OSError as exc:
         raise SourceError(f"{path}: cannot read source: {exc.strerror or exc}") from exc
@@ -606,7 +675,9 @@ def plan_sources(sizes: list[int], limit_bytes: int) -> list[tuple[int, int]] | 
 def build_multi_manifest(paths, destination: str, limit_bytes: int, caption: str | None = None,
                          *, names=None, split_name: str | None = None, rng=secrets,
                          clock=time.time) -> Manifest:
-    """Plan a transfer of several files as one content, reading each file once.
+    """Plan a transfer of several files as one content, reading them once (hashes
+    of the content, files, parts and blocks: one pass over the concatenation,
+    see :func:`_hash_spans`).
 
     Each file becomes one document under its original name (``names``, default
     the file names) when every file fits ``limit_bytes``; otherwise the whole
@@ -634,11 +705,12 @@ def build_multi_manifest(paths, destination: str, limit_bytes: int, caption: str
     whole_files = spans is not None
     if spans is None:
         spans = plan_split(total, limit_bytes)
-    hashed, source_hashes, whole = _hash_sources(paths, sizes, spans)
     try:
+        whole, hashed, source_hashes = _hash_spans(list(zip(paths, sizes)), spans)
         after = [p.stat() for p in paths]
     except OSError as exc:
-        raise SourceError(f"cannot read source: {exc.strerror or exc}") from exc
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise SourceError(f"{where}cannot read source: {exc.strerror or exc}") from exc
     for p, b, a in zip(paths, before, after):
         if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
             raise SourceError(f"{p}: file changed while it was read; try again when it is complete")
@@ -665,41 +737,6 @@ def build_multi_manifest(paths, destination: str, limit_bytes: int, caption: str
         chunk_size=UPLOAD_CHUNK_SIZE, parts=parts, caption_marker=marker,
         destination=destination, created_at=float(clock()),
     )
-
-
-def _hash_sources(paths, sizes, spans):
-    """One pass over the concatenation: (offset, length, sha256, block hashes) per
-    span, the sha256 of each file, and of everything."""
-    whole = hashlib.sha256()
-    file_hashes = []
-    hashed = []
-    with open_sources(paths, sizes) as reader:
-        file_index, file_end, file_hash = 0, sizes[0], hashlib.sha256()
-        for offset, length in spans:
-            part_hash, blocks = hashlib.sha256(), []
-            pos, end = offset, offset + length
-            while pos < end:
-                block = reader(pos, min(HASH_BLOCK_SIZE, end - pos))
-                if len(block) != min(HASH_BLOCK_SIZE, end - pos):
-                    raise SourceError("a source file shrank while it was read")
-                whole.update(block)
-                part_hash.update(block)
-                blocks.append(hashlib.sha256(block).digest())
-                # per-file hashes: feed the block to the file(s) it covers
-                cut = 0
-                while cut < len(block):
-                    take = min(len(block) - cut, file_end - (pos + cut))
-                    file_hash.update(block[cut:cut + take])
-                    cut += take
-                    if pos + cut == file_end:
-                        file_hashes.append(file_hash.hexdigest())
-                        file_index += 1
-                        if file_index < len(sizes):
-                            file_end += sizes[file_index]
-                            file_hash = hashlib.sha256()
-                pos += len(block)
-            hashed.append((offset, length, part_hash.hexdigest(), tuple(blocks)))
-    return hashed, file_hashes, whole.hexdigest()
 
 
 class SourceReader:

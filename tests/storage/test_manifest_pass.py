@@ -52,20 +52,20 @@ def test_a_failure_in_the_other_thread_reaches_the_caller(tmp_path, monkeypatch)
 
 def test_a_failure_in_this_thread_stops_the_other_before_it_reads_on(tmp_path, monkeypatch):
     path = _file(tmp_path, 16 * MiB)
-    real_read, tail_reads, tail_reading = mf._read_exactly, [], threading.Event()
+    real_fill, tail_reads, tail_reading = mf._Concatenation.fill, [], threading.Event()
 
-    def read(p, fh, view):
+    def fill(self, view):
         me = threading.current_thread()
         if isinstance(me, mf._TailHasher):
             tail_reads.append(len(view))
             if len(tail_reads) == 1:
                 tail_reading.set()
                 me.stop.wait(10)    # released once the caller's thread has failed
-            return real_read(p, fh, view)
+            return real_fill(self, view)
         assert tail_reading.wait(10)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(mf, "_read_exactly", read)
+    monkeypatch.setattr(mf._Concatenation, "fill", fill)
     with pytest.raises(SourceError, match="Input/output error"):
         build_manifest(path, "d", 2**31)
     assert tail_reads == [HASH_BLOCK_SIZE]   # 16 without the stop
