@@ -146,7 +146,9 @@ API (all on ``Storage``)::
     register_package_meta(sha256, transfer_id, *, archive_format=None,
                           creator=None, tags=(), source_channel_id=None,
                           source_topic_id=None, source_message_id=None)
-        -> PackageMetaRecord     # idempotent: an existing row is kept as it is
+        -> PackageMetaRecord     # idempotent: an existing row is kept as it is,
+        # unless its transfer failed (lost): then this transfer and source take
+        # it over (created_at = now), and an "unreadable" index is pending again
     get_package_meta(sha256) -> PackageMetaRecord | None
     packages_awaiting_index(limit=100) -> list[PackageMetaRecord]
         # index_state "pending" and the packages row exists (upload done)
@@ -419,6 +421,15 @@ def _meta_record(p) -> PackageMetaRecord:
         source_message_id=p.source_message_id, attempts=p.attempts, lease_owner=p.lease_owner,
         lease_until=p.lease_until, indexed_at=p.indexed_at, created_at=p.created_at,
         updated_at=p.updated_at)
+
+
+def take_over_index(p) -> None:
+    """Inside a session: the metadata ``p`` names a new copy of the content now. An index
+    the lost copy could not take (its staged files were gone: "unreadable") is taken again
+    from the new copy's files; one taken from the same bytes (ok, encrypted, corrupt) is
+    kept."""
+    if p.index_state == "unreadable":
+        p.set(index_state="pending", index_reason=None, lease_owner=None, lease_until=None)
 
 
 def _entry_record(e) -> PackageEntryRecord:
@@ -1186,21 +1197,28 @@ class IngestStore:
         source_channel_id: int | None = None, source_topic_id: int | None = None,
         source_message_id: int | None = None,
     ) -> PackageMetaRecord:
-        Meta = self.entities.PackageMeta
+        """The metadata of a package; the first entry is kept, unless its transfer failed
+        (lost): then ``transfer_id``, the copy that holds the content now, takes it over."""
+        Meta, Transfer = self.entities.PackageMeta, self.entities.Transfer
         sha = str(sha256).lower()
         tag_text = json.dumps([str(t) for t in tags])
 
         def tx():
-            p = Meta.get(sha256=sha)
-            if p is not None:
+            p = Meta.get_for_update(sha256=sha)
+            if p is not None and (p.transfer_id == transfer_id or not exists(
+                    t for t in Transfer if t.id == p.transfer_id and t.state == "failed")):
                 return _meta_record(p)
             now = self._ingest_now()
-            p = Meta(sha256=sha, transfer_id=transfer_id, archive_format=archive_format,
-                     index_state="pending", entry_count=0, creator=creator, tags=tag_text,
-                     source_channel_id=source_channel_id, source_topic_id=source_topic_id,
-                     source_message_id=source_message_id, attempts=0, created_at=now,
-                     updated_at=now)
-            p.flush()
+            fields = dict(transfer_id=transfer_id, creator=creator, tags=tag_text,
+                          source_channel_id=source_channel_id, source_topic_id=source_topic_id,
+                          source_message_id=source_message_id, created_at=now, updated_at=now)
+            if p is None:
+                p = Meta(sha256=sha, archive_format=archive_format, index_state="pending",
+                         entry_count=0, attempts=0, **fields)
+                p.flush()
+            else:
+                p.set(archive_format=archive_format or p.archive_format, **fields)
+                take_over_index(p)
             return _meta_record(p)
 
         return self._run(tx, write=True, what="register package metadata")

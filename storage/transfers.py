@@ -62,9 +62,10 @@ API (all on ``Storage``)::
         # state -> "uploaded", next_check_at = now + first_check_delay,
         # lease released, packages row sha256 -> transfer inserted (an existing
         # package for the hash is kept, unless its transfer failed: then this
-        # transfer holds the content, the row points here and so does every
-        # transfer completed by reference to the failed one), the content
-        # claim of this transfer is released -- all in one transaction
+        # transfer holds the content, the row points here and so do the
+        # transfers completed by reference to the failed one and the package
+        # metadata still naming it: its index is read from this copy), the
+        # content claim of this transfer is released -- all in one transaction
     mark_transfer_duplicate(transfer_id, duplicate_of) -> TransferRecord
         # completed by reference: duplicate_of set, state -> "uploaded",
         # next_check_at = now (the verifier follows duplicate_of)
@@ -142,6 +143,7 @@ from typing import Callable, Iterable, Sequence
 from pony.orm import count, exists, select
 
 from storage.errors import StorageError
+from storage.ingest import take_over_index
 
 TRANSFER_STATES = (
     "planned", "uploading", "uploaded", "verifying", "verified", "cleaned", "failed"
@@ -646,7 +648,7 @@ class TransferStore:
     ) -> TransferRecord:
         """Every part has its message: state "uploaded", package row, claim released."""
         Package, Claim = self.entities.Package, self.entities.ContentClaim
-        Transfer = self.entities.Transfer
+        Transfer, Meta = self.entities.Transfer, self.entities.PackageMeta
 
         def tx():
             t = self._transfer_for_update(transfer_id)
@@ -674,6 +676,11 @@ class TransferStore:
                 # transfers completed by reference to the lost copy follow this one now
                 for d in Transfer.select(lambda d: d.duplicate_of == lost and d.id != tid):
                     d.set(duplicate_of=tid, updated_at=now)
+                # and the index is read from this copy's files (storage.ingest)
+                meta = Meta.get_for_update(sha256=t.sha256)
+                if meta is not None and meta.transfer_id == lost:
+                    meta.set(transfer_id=tid, created_at=now, updated_at=now)
+                    take_over_index(meta)
             claim = Claim.get_for_update(sha256=t.sha256)
             if claim is not None and claim.transfer_id == t.id:
                 claim.delete()

@@ -16,6 +16,7 @@ from actors.ingest.pipeline import IngestAccountPort, Phase2, SetRecorder, SetWo
 from actors.ingest.scan import Page, Target
 from actors.transfers import TransferPlanner
 from ingest_sim import MIB, SimEnv
+from storage.manifest import read_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,6 +207,36 @@ def test_a_lost_package_does_not_hold_its_content_for_dedup(env):
     assert lost.state == "failed" and f"stored again as transfer {copy.transfer_id}" in lost.reason
     assert env.storage.find_ingested_document(
         env.storage.set_messages(key)[0].document_id).transfer_id == copy.transfer_id
+
+def test_a_new_copy_of_a_lost_package_is_indexed_from_its_own_files(env):
+    """The lost package was never indexed and its staged files went at its cleanup: the
+    copy of its content ingested again (a forward) takes the metadata over -- its transfer,
+    its source -- and phase 2 indexes the copy's staged files instead of giving up."""
+    rig = Rig(env)
+    data = zip_bytes(n_files=3)
+    original = env.post("pack.zip", data)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [first] = rig.ingest_ready("alice", env.source_a)
+    rig.pretend_uploaded(first.transfer_id)
+    phase2 = Phase2(env.storage, node="node-1", clock=env.clock)
+    assert phase2.follow_uploads().ingested == 1
+    for src in read_manifest(env.storage.get_transfer(first.transfer_id).manifest_path).sources:
+        os.unlink(src.path)                                  # removed at its cleanup
+    env.storage.set_transfer_state(first.transfer_id, "failed", reason="lost after cleanup: part 1")
+    env.storage.requeue_lost_package(first.transfer_id, reason="fetching again")
+
+    env.forward(env.source_a, original, env.source_b)
+    rig.scan("bob", "sim_source_b", env.source_b)
+    [copy] = rig.ingest_ready("bob", env.source_b)
+    assert copy.result == "queued" and copy.sha256 == first.sha256
+    rig.pretend_uploaded(copy.transfer_id)
+    meta = env.storage.get_package_meta(first.sha256)
+    assert (meta.transfer_id, meta.source_channel_id, meta.index_state) == (
+        copy.transfer_id, env.storage.get_archive_set(copy.set_key).channel_id, "pending")
+    assert asyncio.run(phase2.index_pending()).indexed == {"ok": 1}
+    assert [e.path for e in env.storage.package_entries(first.sha256)] == \
+        [f"dir/file{i}.bin" for i in range(3)]
+
 
 def test_phase2_follows_the_upload_and_indexes_the_archive(env):
     rig = Rig(env)

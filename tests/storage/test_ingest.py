@@ -346,6 +346,50 @@ def test_two_phase_package_index(store):
     assert store.package_entries(SHA) == [] and store.get_package_meta(SHA).preview is None
 
 
+def test_a_new_copy_of_a_lost_package_takes_its_metadata_over(store, clock):
+    """The lost copy (transfer failed) was never indexed and its staged files are gone: the
+    copy that is ingested again names itself and its source in the metadata, and its own
+    staged files are indexed; the metadata of a live package is kept (the first wins)."""
+    store.register_package_meta(SHA, "t1", archive_format="7z", creator="Source A",
+                                tags=["a"], source_channel_id=CH, source_message_id=10)
+    _package(store, tid="t1")
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
+    store.claim_index_work("p1", 1, 30)
+    store.record_package_index(SHA, state="unreadable", lease_owner="p1",
+                               reason="staged files were removed before indexing")
+    clock.advance(5)
+    meta = store.register_package_meta(SHA, "t2", archive_format="7z", creator="Source B",
+                                       tags=["b"], source_channel_id=CH2, source_topic_id=4,
+                                       source_message_id=50)
+    assert (meta.transfer_id, meta.creator, meta.tags, meta.source_channel_id,
+            meta.source_topic_id, meta.source_message_id) == ("t2", "Source B", ("b",), CH2, 4, 50)
+    assert (meta.index_state, meta.index_reason, meta.created_at) == ("pending", None, clock.now)
+    assert store.register_package_meta(SHA, "t3", creator="C") == meta   # t2 is not failed
+
+
+def test_an_uploaded_copy_takes_over_the_index_of_a_lost_package(store, clock):
+    """A copy that registers no metadata (a local upload) still holds the content once
+    uploaded: the pending index reads its files, not the lost copy's removed ones; an
+    index already taken from the same bytes is kept."""
+    store.register_package_meta(SHA, "t1", creator="Source A", source_message_id=10)
+    _package(store, tid="t1")
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
+    store.claim_index_work("p1", 1, 30)
+    store.record_package_index(SHA, state="unreadable", lease_owner="p1",
+                               reason="staged files were removed before indexing")
+    clock.advance(5)
+    _package(store, tid="t2")
+    meta = store.get_package_meta(SHA)
+    assert (meta.transfer_id, meta.index_state, meta.creator, meta.source_message_id) == (
+        "t2", "pending", "Source A", 10)
+    assert [m.transfer_id for m in store.claim_index_work("p2", 1, 30)] == ["t2"]
+    store.record_package_index(SHA, state="ok", entries=[("a.txt", 1, 2, False)], lease_owner="p2")
+    store.set_transfer_state("t2", "failed", reason="lost after cleanup: part 1")
+    _package(store, tid="t3")
+    meta = store.get_package_meta(SHA)
+    assert (meta.transfer_id, meta.index_state, meta.entry_count) == ("t3", "ok", 1)
+
+
 def test_index_lease_is_checked_and_expires(store, clock):
     store.register_package_meta(SHA, "t1")
     _package(store)
