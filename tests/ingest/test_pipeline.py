@@ -10,10 +10,12 @@ import os
 import zipfile
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from actors.account_messages import GetHistory
 from actors.ingest.pipeline import IngestAccountPort, Phase2, SetRecorder, SetWorker
 from actors.ingest.scan import Page, Target
+from actors.metrics import Metrics
 from actors.transfers import TransferPlanner
 from ingest_sim import MIB, SimEnv
 from storage.manifest import read_manifest
@@ -207,6 +209,55 @@ def test_a_lost_package_does_not_hold_its_content_for_dedup(env):
     assert lost.state == "failed" and f"stored again as transfer {copy.transfer_id}" in lost.reason
     assert env.storage.find_ingested_document(
         env.storage.set_messages(key)[0].document_id).transfer_id == copy.transfer_id
+
+def test_a_refetch_finds_the_content_stored_again_only_after_its_download(env):
+    """No other copy when the re-fetch starts, but one is stored while it downloads (a
+    local upload of the same archive): the claim after the download finds it, the files
+    fetched again are removed, the set is skipped as that copy's duplicate and the lost
+    transfer stays failed -- nothing is uploaded twice, result="stored_again"."""
+    rig = Rig(env)
+    registry = CollectorRegistry()
+    rig.worker.metrics = Metrics(registry).add_ingest_metrics()
+    data = zip_bytes()
+    env.post("pack.zip", data)
+    rig.scan("alice", "sim_source_a", env.source_a)
+    [first] = rig.ingest_ready("alice", env.source_a)
+    rig.pretend_uploaded(first.transfer_id)
+    assert Phase2(env.storage, node="node-1", clock=env.clock).follow_uploads().ingested == 1
+    lost = env.storage.get_transfer(first.transfer_id)
+    for src in read_manifest(lost.manifest_path).sources:    # removed at its cleanup
+        os.unlink(src.path)
+    env.storage.set_transfer_state(lost.id, "failed", reason="lost after cleanup: part 1")
+    [key] = env.storage.requeue_lost_package(lost.id, reason="fetching again")
+
+    download = rig.worker._download
+
+    async def download_while_a_copy_is_stored(*args, **kwargs):
+        got = await download(*args, **kwargs)
+        assert env.storage.find_package(lost.sha256) is None  # none before the download
+        env.storage.create_transfer(
+            "copy", source_path="/up/pack.zip", size=len(data), sha256=lost.sha256,
+            destination=lost.destination, manifest_path="/m/copy", delete_original=False,
+            parts=[(0, 0, len(data), lost.sha256, "pack.zip", 1)])
+        rig.pretend_uploaded("copy")
+        return got
+
+    rig.worker._download = download_while_a_copy_is_stored
+    gets = env.count("alice", "GetFileRequest")
+    [again] = rig.ingest_ready("alice", env.source_a)
+    assert (again.result, again.transfer_id, again.detail, again.downloaded_bytes) == (
+        "duplicate", "copy", "stored again", len(data))
+    assert env.count("alice", "GetFileRequest") > gets        # fetched, then not needed
+    assert not [p for p in rig.worker.staged_dir(key).glob("*") if p.name.startswith("pack")]
+    s = env.storage.get_archive_set(key)
+    assert (s.state, s.reason, s.transfer_id) == ("skipped", "duplicate", "copy")
+    lost = env.storage.get_transfer(lost.id)
+    assert lost.state == "failed" and "stored again as transfer copy" in lost.reason
+    assert env.storage.find_package(lost.sha256).transfer_id == "copy"
+    assert not env.storage.release_claim(lost.sha256, f"node-1/{lost.id}")  # no claim left
+    assert registry.get_sample_value("stashd_ingest_refetch_total",
+                                     {"result": "stored_again"}) == 1
+
 
 def test_a_new_copy_of_a_lost_package_is_indexed_from_its_own_files(env):
     """The lost package was never indexed and its staged files went at its cleanup: the
