@@ -173,21 +173,32 @@ def test_too_large_and_incomplete_sets_are_reported(env):
     assert env.count("alice", "GetFileRequest") == 0
 
 
-def test_a_lost_package_does_not_hold_its_content_for_dedup(env):
-    """A package lost after cleanup (transfer failed, its set queued for a re-fetch) is no
-    reason to skip another copy of its content: a forward of it is downloaded and uploaded
-    and holds the content; the re-fetch then finds it stored again and fetches nothing."""
-    rig = Rig(env)
-    data = zip_bytes()
+def _ingest_then_lose(env, rig, data: bytes, *, remove_staged: bool = False):
+    """``data`` posted to source A, ingested, uploaded and followed by phase 2, then lost after
+    cleanup as the verifier's on_lost leaves it: its transfer failed, its set back to "ready"
+    for a re-fetch (with ``remove_staged``, its staged files removed at cleanup first).
+    Returns (the source message, the ingest outcome, the requeued set key, phase 2)."""
     original = env.post("pack.zip", data)
     rig.scan("alice", "sim_source_a", env.source_a)
     [first] = rig.ingest_ready("alice", env.source_a)
     rig.pretend_uploaded(first.transfer_id)
     phase2 = Phase2(env.storage, node="node-1", clock=env.clock)
     assert phase2.follow_uploads().ingested == 1
-    # the verifier's on_lost: the transfer failed, its set back to "ready" for a re-fetch
+    if remove_staged:
+        for src in read_manifest(env.storage.get_transfer(first.transfer_id).manifest_path).sources:
+            os.unlink(src.path)
     env.storage.set_transfer_state(first.transfer_id, "failed", reason="lost after cleanup: part 1")
     [key] = env.storage.requeue_lost_package(first.transfer_id, reason="fetching again")
+    return original, first, key, phase2
+
+
+def test_a_lost_package_does_not_hold_its_content_for_dedup(env):
+    """A package lost after cleanup (transfer failed, its set queued for a re-fetch) is no
+    reason to skip another copy of its content: a forward of it is downloaded and uploaded
+    and holds the content; the re-fetch then finds it stored again and fetches nothing."""
+    rig = Rig(env)
+    data = zip_bytes()
+    original, first, key, phase2 = _ingest_then_lose(env, rig, data)
 
     env.forward(env.source_a, original, env.source_b)      # the same Telegram document
     rig.scan("bob", "sim_source_b", env.source_b)
@@ -264,17 +275,7 @@ def test_a_new_copy_of_a_lost_package_is_indexed_from_its_own_files(env):
     copy of its content ingested again (a forward) takes the metadata over -- its transfer,
     its source -- and phase 2 indexes the copy's staged files instead of giving up."""
     rig = Rig(env)
-    data = zip_bytes(n_files=3)
-    original = env.post("pack.zip", data)
-    rig.scan("alice", "sim_source_a", env.source_a)
-    [first] = rig.ingest_ready("alice", env.source_a)
-    rig.pretend_uploaded(first.transfer_id)
-    phase2 = Phase2(env.storage, node="node-1", clock=env.clock)
-    assert phase2.follow_uploads().ingested == 1
-    for src in read_manifest(env.storage.get_transfer(first.transfer_id).manifest_path).sources:
-        os.unlink(src.path)                                  # removed at its cleanup
-    env.storage.set_transfer_state(first.transfer_id, "failed", reason="lost after cleanup: part 1")
-    env.storage.requeue_lost_package(first.transfer_id, reason="fetching again")
+    original, first, _key, phase2 = _ingest_then_lose(env, rig, zip_bytes(n_files=3), remove_staged=True)
 
     env.forward(env.source_a, original, env.source_b)
     rig.scan("bob", "sim_source_b", env.source_b)

@@ -346,6 +346,16 @@ def test_two_phase_package_index(store):
     assert store.package_entries(SHA) == [] and store.get_package_meta(SHA).preview is None
 
 
+def _lose_unindexed(store, clock, tid):
+    """``tid``'s package lost after cleanup (transfer failed) before it was indexed: its
+    index was given up as unreadable (the staged files were gone)."""
+    store.set_transfer_state(tid, "failed", reason="lost after cleanup: part 1")
+    store.claim_index_work("p1", 1, 30)
+    store.record_package_index(SHA, state="unreadable", lease_owner="p1",
+                               reason="staged files were removed before indexing")
+    clock.advance(5)
+
+
 def test_a_new_copy_of_a_lost_package_takes_its_metadata_over(store, clock):
     """The lost copy (transfer failed) was never indexed and its staged files are gone: the
     copy that is ingested again names itself and its source in the metadata, and its own
@@ -353,11 +363,7 @@ def test_a_new_copy_of_a_lost_package_takes_its_metadata_over(store, clock):
     store.register_package_meta(SHA, "t1", archive_format="7z", creator="Source A",
                                 tags=["a"], source_channel_id=CH, source_message_id=10)
     _package(store, tid="t1")
-    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
-    store.claim_index_work("p1", 1, 30)
-    store.record_package_index(SHA, state="unreadable", lease_owner="p1",
-                               reason="staged files were removed before indexing")
-    clock.advance(5)
+    _lose_unindexed(store, clock, "t1")
     meta = store.register_package_meta(SHA, "t2", archive_format="7z", creator="Source B",
                                        tags=["b"], source_channel_id=CH2, source_topic_id=4,
                                        source_message_id=50)
@@ -373,11 +379,7 @@ def test_an_uploaded_copy_takes_over_the_index_of_a_lost_package(store, clock):
     index already taken from the same bytes is kept."""
     store.register_package_meta(SHA, "t1", creator="Source A", source_message_id=10)
     _package(store, tid="t1")
-    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
-    store.claim_index_work("p1", 1, 30)
-    store.record_package_index(SHA, state="unreadable", lease_owner="p1",
-                               reason="staged files were removed before indexing")
-    clock.advance(5)
+    _lose_unindexed(store, clock, "t1")
     _package(store, tid="t2")
     meta = store.get_package_meta(SHA)
     assert (meta.transfer_id, meta.index_state, meta.creator, meta.source_message_id) == (
