@@ -904,6 +904,9 @@ class Daemon:
             raise AdminCommandError(
                 f"retry: transfer {t.id} is {t.state}, not failed; only a failed transfer can be "
                 f"retried", code="bad_state")
+        refetch = self._retry_refetch(t)
+        if refetch is not None:
+            return refetch
         try:
             record = self.storage.retry_transfer(t.id)
         except TransferStateError as exc:
@@ -913,6 +916,29 @@ class Daemon:
         self.tick()
         self._tell_verifier(record.id if record.state in VERIFY_STATES else None)
         return {"transfer": self.transfer_view(record, with_parts=True), "previous_reason": t.reason}
+
+    def _retry_refetch(self, t) -> dict | None:
+        """A transfer lost after cleanup whose re-fetch from its source failed (source gone, no
+        mapping, ...): its archive set(s) go back to "ready" and the scan of their channel is
+        woken; the transfer stays failed until the re-fetch moves it on. None: not such a one."""
+        from actors.ingest.refetch import LOST_PREFIX, marked_reason
+
+        if not (t.reason or "").startswith(LOST_PREFIX):
+            return None
+        keys = self.storage.requeue_lost_package(
+            t.id, reason=f"fetching again: stashctl retry of lost transfer {t.id}", states=("failed",))
+        if not keys:
+            return None
+        record = self.storage.set_transfer_state(
+            t.id, "failed", expected="failed",
+            reason=marked_reason(t, "fetching again from the source channel (stashctl retry)"))
+        sets = [self.storage.get_archive_set(k) for k in keys]
+        channels = sorted({s.channel_id for s in sets if s is not None})
+        log.info("transfer {} retried by the operator: set(s) {} queued to be fetched again from "
+                 "channel(s) {} (it had failed: {})", t.id, keys, channels, t.reason)
+        self._wake_ingest(channels)
+        return {"transfer": self.transfer_view(record, with_parts=True), "previous_reason": t.reason,
+                "refetch": {"sets": keys, "channels": channels}}
 
     def _cmd_budget(self, args: dict) -> dict:
         from actors.admin.server import AdminCommandError

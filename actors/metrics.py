@@ -208,12 +208,13 @@ class Metrics:
             "Packages lost after cleanup fetched again from their source: requeued (by the "
             "verifier), queued (downloaded again, lost parts queued), source_gone (lost for good), "
             "refused (fetched, but not the stored split: lost for good), stored_again (not "
-            "needed: another copy of the content was uploaded meanwhile and holds it)",
+            "needed: another copy of the content was uploaded meanwhile and holds it), "
+            "no_mapping (no ingest mapping scans its source channel any more)",
             ["result"], registry=registry,
         )
         for reason in ("too_large", "incomplete_set", "duplicate", "unreadable", "failed"):
             self.ingest_skipped.labels(reason=reason)
-        for result in ("requeued", "queued", "source_gone", "refused", "stored_again"):
+        for result in ("requeued", "queued", "source_gone", "refused", "stored_again", "no_mapping"):
             self.ingest_refetch.labels(result=result)
         return self
 

@@ -98,10 +98,11 @@ API (all on ``Storage``)::
         # one transaction: set "ingested" (sha256, transfer_id, lease released);
         # its messages "ingested" with transfer_id; their document ids into
         # ingested_documents (existing rows kept); their skip rows removed
-    requeue_lost_package(transfer_id, *, reason) -> list[set_key]
-        # a package lost after cleanup: its "ingested" set(s) -> "ready" again,
-        # transfer id kept (the re-fetch marker), sha256 cleared, attempts,
-        # backoff and lease reset; one transaction
+    requeue_lost_package(transfer_id, *, reason, states=("ingested",)) -> list[set_key]
+        # a package lost after cleanup: its "ingested" set(s) (stashctl retry of
+        # a failed re-fetch: its "failed" ones) -> "ready" again, transfer id
+        # kept (the re-fetch marker), sha256 cleared, attempts, backoff and lease
+        # reset; one transaction
     mark_set_skipped(set_key, reason, *, detail=None, duplicate_of=None,
                      run_id=None, account=None, lease_owner=None) -> ArchiveSetRecord
         # one transaction: set "skipped" (reason); each message "skipped" with
@@ -126,6 +127,9 @@ API (all on ``Storage``)::
     finish_run(run_id, *, state="finished", error=None) -> IngestRunRecord
     get_run(run_id) -> IngestRunRecord | None
     list_runs(state=None, limit=20) -> list[IngestRunRecord]     # newest first
+    channel_scanned_by_others(channel_id, owner, since) -> bool
+        # a run of that channel started at or after since by another owner
+        # (another process maps it)
     interrupt_stale_runs(*, older_than, owner=None) -> int
         # "running" runs not updated for older_than seconds (optionally only
         # this owner's, e.g. at start-up) -> "interrupted"
@@ -960,7 +964,8 @@ class IngestStore:
 
     # -- skips -------------------------------------------------------------------------
 
-    def requeue_lost_package(self, transfer_id: str, *, reason: str) -> list[str]:
+    def requeue_lost_package(self, transfer_id: str, *, reason: str,
+                             states: Sequence[str] = ("ingested",)) -> list[str]:
         """A package lost after cleanup (its staged copy deleted): the archive set(s) that
         were ingested as ``transfer_id`` go back to "ready" to be fetched again from their
         source messages (actors.ingest.pipeline ``SetWorker``: a ready set that names a
@@ -968,13 +973,17 @@ class IngestStore:
         transfer id, its sha256 is cleared (so phase 2 never settles it as a duplicate of
         its own package while it is downloaded again), attempts/backoff/lease are reset.
         Returns the set keys requeued (none: the transfer did not come from ingest, or is
-        being fetched again already)."""
+        being fetched again already). ``states``: the sets' states to take (the verifier:
+        "ingested"; ``stashctl retry`` of a re-fetch that failed: "failed")."""
         ArchiveSet = self.entities.ArchiveSet
+        states = _as_states(states)
+        for state in states:
+            _check(state, SET_STATES, "archive set state")
 
         def tx():
             now = self._ingest_now()
             keys = []
-            for s in ArchiveSet.select(lambda a: a.transfer_id == transfer_id and a.state == "ingested"):
+            for s in ArchiveSet.select(lambda a: a.transfer_id == transfer_id and a.state in states):
                 s.set(state="ready", sha256=None, reason=reason, lease_owner=None, lease_until=None,
                       attempts=0, next_attempt_at=None, last_error=None, updated_at=now)
                 keys.append(s.set_key)
@@ -1137,6 +1146,18 @@ class IngestStore:
             return [_run_record(r) for r in q.limit(int(limit))]
 
         return self._run(tx, write=False, what="list ingest runs")
+
+    def channel_scanned_by_others(self, channel_id: int, owner: str, since: float) -> bool:
+        """Whether a node other than ``owner`` started a scan run of ``channel_id`` at or
+        after ``since`` (another process maps that channel)."""
+        Run = self.entities.IngestRun
+        cid, since = int(channel_id), float(since)
+
+        def tx():
+            return exists(r for r in Run if r.channel_id == cid and r.started_at >= since
+                          and (r.owner is None or r.owner != owner))
+
+        return self._run(tx, write=False, what="look for other nodes' runs")
 
     def interrupt_stale_runs(self, *, older_than: float, owner: str | None = None) -> int:
         Run = self.entities.IngestRun

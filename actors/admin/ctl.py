@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--all", action="store_true",
                     help="make every uploaded, verifying, verified and cleaned transfer due now")
     command("retry", "put a failed transfer back into the pipeline (upload what is missing, "
-            "then verify)").add_argument("id", metavar="TRANSFER")
+            "then verify; a lost ingested archive: fetch it again from its source channel)"
+            ).add_argument("id", metavar="TRANSFER")
     command("scan", "scan the ingest mappings now: all, or those reading CHANNEL").add_argument(
         "channel", nargs="?", metavar="CHANNEL", help="a mapped source channel (username or -100 id)")
     ru = command("runs", "ingest runs (one per scan of a mapping), newest first, with counters")
@@ -642,6 +643,12 @@ def format_retry(result: Any, now: float) -> str:
         return format_generic(result)
     t = result["transfer"]
     was = result.get("previous_reason")
+    refetch = result.get("refetch")
+    if isinstance(refetch, dict):
+        channels = ", ".join(str(c) for c in refetch.get("channels") or ()) or "?"
+        return (f"transfer {t.get('id')}: to be fetched again from source channel {channels} "
+                f"(stays failed until the re-fetch has the content)"
+                + (f" (it had failed: {was})" if was else ""))
     return (f"transfer {t.get('id')}: failed -> {t.get('state')}"
             + (f" (it had failed: {was})" if was else ""))
 

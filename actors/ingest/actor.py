@@ -28,6 +28,14 @@ being uploaded and indexes finished packages (Phase2).
 by name or id) due at once. :class:`GetIngestStatus` answers with the live
 progress of each account and the schedule.
 
+A lost package requeued for a re-fetch (actors.ingest.refetch) waits "ready"
+for the scan of its channel. Every ``UNMAPPED_CHECK_SECONDS``, after a ScanNow
+of one channel and after a reload, the re-fetches waiting in a
+channel that no mapping scans (the channel each mapping resolved to on its last
+scan; undecided while a mapping has not resolved yet) and that no other node has
+scanned within two scan intervals are ended (``SetWorker.end_unmapped_refetches``)
+instead of waiting for ever.
+
 Nothing that matters is kept only here: runs left "running" by a previous life
 of this node are marked "interrupted" at start; cursors, sets, claims and
 transfers are in storage, so a restarted actor (or another process) carries on.
@@ -59,6 +67,7 @@ __all__ = ["IngestActor", "Tick", "ScanNow", "ScanNowResult", "GetIngestStatus",
 RETRY_SECONDS = 30.0        # an account that is not running: look again after this
 PHASE2_INTERVAL = 1.0
 STAGING_SWEEP_SECONDS = 60.0  # empty staging folders (files removed by the cleanup) go this often
+UNMAPPED_CHECK_SECONDS = 30.0  # re-fetches waiting in a channel no mapping scans: looked for this often
 
 
 # ------------------------------------------------------------------ messages
@@ -252,6 +261,8 @@ class IngestActor(SupervisedMixin, LoopActor):
                                 clock=clock, chunk_size=chunk_size, sleep=sleep,
                                 set_lease_seconds=ing.set_lease_seconds, metrics=metrics)
         self._last_sweep = 0.0
+        self._resolved: dict[str, set[int]] = {}   # label -> channel ids its last scan resolved
+        self._last_unmapped_check = float("-inf")
         self.phase2 = Phase2(storage, node=node, clock=clock, staging_dir=Path(ing.staging_dir))
         self._log = logger.bind(actor="ingest")
 
@@ -313,6 +324,8 @@ class IngestActor(SupervisedMixin, LoopActor):
                 now - self._last_phase2 >= self._phase2_interval:
             self._last_phase2 = now
             self._phase2_task = self.loop.create_task(self._phase2_round())
+        if now - self._last_unmapped_check >= UNMAPPED_CHECK_SECONDS:
+            self.end_unmapped_refetches()
         self._update_lag(now)
 
     def _scan_now(self, msg: ScanNow) -> ScanNowResult:
@@ -324,6 +337,8 @@ class IngestActor(SupervisedMixin, LoopActor):
         self.schedule.scan_now(labels, self._clock())  # running ones: again when their round ends
         if labels:
             self._tick()
+        if wanted is not None:  # e.g. the wake of a re-fetch in a channel not mapped any more
+            self.end_unmapped_refetches()
         return ScanNowResult(tuple(labels))
 
     def _update_settings(self, ing: Any) -> UpdateIngestSettingsResult:
@@ -342,6 +357,7 @@ class IngestActor(SupervisedMixin, LoopActor):
         for label in before - after:
             self._stalled.pop(label, None)
             self._last_present.pop(label, None)
+            self._resolved.pop(label, None)
         self.recorder.max_bytes = ing.max_archive_bytes
         w = self.worker
         w.settings, w.window, w.max_bytes = self.settings, ing.download_window, ing.max_archive_bytes
@@ -350,13 +366,55 @@ class IngestActor(SupervisedMixin, LoopActor):
                                             restart)
         self._log.info("ingest settings reloaded: {} mapping(s), added {}, removed {}", len(after),
                        list(result.added), list(result.removed))
+        if result.removed:
+            self.end_unmapped_refetches()
         return result
+
+    def _mapped_channels(self) -> dict[str, set[int] | None]:
+        """Each mapping's channel ids: a -100/bare id as is, else what its last scan
+        resolved (None: not known yet)."""
+        from actors.account_core import bare_channel_id
+
+        out: dict[str, set[int] | None] = {}
+        for label, m in self._mappings:
+            key = _channel_key(m.channel)
+            if key.lstrip("-").isdigit():
+                out[label] = {bare_channel_id(int(key))}
+            else:
+                out[label] = self._resolved.get(label)
+        return out
+
+    def end_unmapped_refetches(self) -> int:
+        """End the re-fetches waiting in channels no mapping scans (see the module doc)."""
+        from actors.ingest.refetch import unmapped_channels
+
+        now = self._clock()
+        self._last_unmapped_check = now
+        ing = self.settings.ingest
+        since = now - 2 * (ing.scan_interval_seconds + ing.scan_jitter_seconds) - RETRY_SECONDS
+        try:
+            waiting = [s for s in self.storage.list_archive_sets("ready", limit=10_000) if s.transfer_id]
+            if not waiting:
+                return 0
+            channels = unmapped_channels({s.channel_id for s in waiting}, self._mapped_channels())
+            ended = 0
+            for channel_id in sorted(channels):
+                if self.storage.channel_scanned_by_others(channel_id, self.node, since):
+                    continue  # another process maps it: its scan fetches the set
+                ended += len(self.worker.end_unmapped_refetches(channel_id))
+            return ended
+        except Exception as exc:  # noqa: BLE001 - looked at again next time
+            self._log.warning("could not look for re-fetches in unmapped channels: {!r}", exc)
+            return 0
 
     def _known_id(self, m: Any, wanted: str) -> bool:
         if not wanted.lstrip("-").isdigit():
             return False
         from actors.account_core import bare_channel_id
         cid = bare_channel_id(int(wanted))
+        resolved = self._resolved.get(mapping_label(m))
+        if resolved is not None:  # what its last scan resolved, not any channel of its account
+            return cid in resolved
         return any(c.account == m.account and c.channel_id == cid for c in self._cursors())
 
     def _cursors(self):
@@ -407,6 +465,7 @@ class IngestActor(SupervisedMixin, LoopActor):
         log = self._log.bind(account=account)
         try:
             targets = await resolve_target(port, m.channel, m.topics, dialogs=dialogs)
+            self._resolved[label] = {t.channel_id for t in targets}
         except (ScanError, TelegramError) as exc:
             run = self.storage.start_run(mapping=label, channel_id=0, account=account, owner=self.node)
             self.storage.finish_run(run.id, state="failed", error=str(exc))

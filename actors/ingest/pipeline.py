@@ -554,6 +554,33 @@ class SetWorker:
                   "again from channel {} (set {}): {}", t.id, rec.channel_id, rec.set_key, why)
         return SetOutcome(rec.set_key, "lost", t.id, detail=why)
 
+    def end_unmapped_refetches(self, channel_id: int) -> list[SetOutcome]:
+        """The re-fetches waiting in ``channel_id``, which no mapping scans any more, end
+        (actors.ingest.refetch): each set "failed", its lost transfer stays failed saying
+        what to do. Claimed first, so a set another worker holds is left to it."""
+        from actors.ingest.refetch import marked_reason, no_mapping_reason
+
+        store, owner = self.storage, f"{self.node}/ingest:no-mapping"
+        out = []
+        for rec in store.claim_ready_sets(owner, 100, self.set_lease_seconds, channel_id=channel_id,
+                                          states=("ready",)):
+            t = store.get_transfer(rec.transfer_id) if rec.transfer_id else None
+            if t is None or t.state != "failed":  # not a re-fetch (or retried meanwhile)
+                store.release_set_lease(rec.set_key, owner)
+                continue
+            store.set_transfer_state(t.id, "failed", expected="failed",
+                                     reason=marked_reason(t, no_mapping_reason(channel_id, t.id)))
+            self._metric("record_refetch", "no_mapping")
+            store.set_archive_set_state(
+                rec.set_key, "failed", lease_owner=owner, release_lease=True,
+                reason=f"re-fetch of lost transfer {t.id} impossible: no ingest mapping for "
+                       f"source channel {channel_id} any more")
+            log.error("TRANSFER {} LOST: it cannot be fetched again from channel {} (set {}): no "
+                      "ingest mapping for that channel any more; add it back and run stashctl "
+                      "retry {}", t.id, channel_id, rec.set_key, t.id)
+            out.append(SetOutcome(rec.set_key, "lost", t.id, detail="no mapping"))
+        return out
+
     def _stored_again(self, rec: Any, t: Any, owner: str, package: str, sha: str | None = None,
                       downloaded: int = 0) -> SetOutcome:
         """While the lost transfer ``t`` waited for its re-fetch, another copy of its content

@@ -42,6 +42,19 @@ ready set, and :meth:`actors.ingest.pipeline.SetWorker.process` hands it to
    marks the set ingested again, the verifier checks and, after the grace
    period, cleans the staged copy again.
 
+A requeued set is claimed only by the scan of its channel.  When no mapping of
+the IngestActor scans that channel any more (its ``[[ingest.mappings]]`` entry or
+its account removed from the config) and no other process has scanned it
+lately, the set would wait "ready" for ever: the IngestActor ends it
+(:func:`unmapped_channels`, :meth:`SetWorker.end_unmapped_refetches`): an ERROR
+log line, ``result="no_mapping"``, the set "failed" and the transfer's reason
+"... re-fetch: IMPOSSIBLE, no ingest mapping for source channel <id> any more;
+add it back and run stashctl retry <transfer>".  ``stashctl retry`` of a
+transfer lost after cleanup whose re-fetch failed puts its set(s) back to
+"ready" (``requeue_lost_package(states=("failed",))``) and wakes the scan of the
+channel: the re-fetch runs again (and ends the same way while the mapping is
+still missing).
+
 Lost parts are the parts the verifier did not see since the loss: no message
 id, or no ``verified_at`` (``record_check`` clears it on a miss).  A part that
 is re-sent although it was present would be a second copy; a part that went
@@ -50,15 +63,15 @@ restored manifest while the staged copy is there.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from loguru import logger
 
 from actors.manifest_restore import RestoreError as RefetchError
 from actors.manifest_restore import lost_parts, restored_manifest, same_split_limit
 
-__all__ = ["LOST_PREFIX", "RefetchError", "lost_parts", "marked_reason", "requeue_lost",
-           "restored_manifest", "same_split_limit"]
+__all__ = ["LOST_PREFIX", "RefetchError", "lost_parts", "marked_reason", "no_mapping_reason",
+           "requeue_lost", "restored_manifest", "same_split_limit", "unmapped_channels"]
 
 LOST_PREFIX = "lost after cleanup"
 
@@ -93,6 +106,25 @@ def requeue_lost(storage: Any, *, wake: Callable[[list[int]], Any] | None = None
         return keys
 
     return on_lost
+
+
+def unmapped_channels(channel_ids: Iterable[int],
+                      resolved: Mapping[str, Iterable[int] | None]) -> set[int]:
+    """Of ``channel_ids`` (of sets waiting for a re-fetch), those no current mapping scans.
+
+    ``resolved``: each current mapping label -> the channel ids it scans, or None while
+    that is not known yet (a mapping by username before its first scan resolved it): then
+    none is declared unmapped, as it may be any of them."""
+    if any(ids is None for ids in resolved.values()):
+        return set()
+    mapped = {int(c) for ids in resolved.values() for c in ids}
+    return {int(c) for c in channel_ids} - mapped
+
+
+def no_mapping_reason(channel_id: int, transfer_id: str) -> str:
+    """The re-fetch verdict of a lost transfer whose source channel is not mapped any more."""
+    return (f"IMPOSSIBLE, no ingest mapping for source channel {channel_id} any more; add it "
+            f"back and run stashctl retry {transfer_id}")
 
 
 def marked_reason(transfer: Any, why: str) -> str:

@@ -91,6 +91,14 @@ def test_verify_summary_and_retry_line():
         f"transfer {t['id']}: failed -> verifying (it had failed: original changed: x)"
 
 
+def test_retry_line_of_a_refetch():
+    t = transfer(state="failed")
+    text = ctl.format_retry({"transfer": t, "previous_reason": "lost after cleanup: x",
+                             "refetch": {"sets": ["k"], "channels": [1234]}}, NOW)
+    assert text == (f"transfer {t['id']}: to be fetched again from source channel 1234 (stays "
+                    f"failed until the re-fetch has the content) (it had failed: lost after cleanup: x)")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["transfers", "--state", "faild"], "did you mean 'failed'"),
     (["transfers", "--state", "lost"], "one of planned, uploading, uploaded, verifying, verified, "

@@ -11,7 +11,7 @@ import pytest
 
 from actors.ingest.pipeline import _build_set_manifest
 from actors.ingest.refetch import (
-    RefetchError, lost_parts, marked_reason, restored_manifest, same_split_limit,
+    RefetchError, lost_parts, marked_reason, restored_manifest, same_split_limit, unmapped_channels,
 )
 from storage.manifest import UPLOAD_CHUNK_SIZE
 from storage.transfers import PartRecord, TransferRecord
@@ -103,3 +103,12 @@ def test_lost_parts_and_the_reason():
     once = marked_reason(t, "SOURCE GONE: x")
     assert once == "lost after cleanup: message 5 is gone; re-fetch: SOURCE GONE: x"
     assert marked_reason(dataclasses.replace(t, reason=once), "y").endswith("; re-fetch: y")
+
+
+def test_unmapped_channels_only_once_every_mapping_is_resolved():
+    resolved = {"alice:a": {1}, "bob:b": {2, 3}}
+    assert unmapped_channels({1, 3, 4, 5}, resolved) == {4, 5}
+    assert unmapped_channels({1, 2}, resolved) == set()
+    # a mapping not resolved yet may scan any of them: none is declared unmapped
+    assert unmapped_channels({4}, {**resolved, "carol:c": None}) == set()
+    assert unmapped_channels({4}, {}) == {4}          # no mapping at all

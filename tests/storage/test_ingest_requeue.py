@@ -54,3 +54,27 @@ def test_the_lost_package_does_not_satisfy_its_own_refetch_claim(store):
     # any other set with the same content still finds the package: a duplicate of t1
     other = store.claim_content(SHA, "node/t2", 60, "t2")
     assert (other.granted, other.existing_package) == (False, "t1")
+
+
+def test_retry_requeues_the_failed_set_of_a_refetch_only_when_asked(store):
+    _package(store)
+    ingested(store)
+    assert store.requeue_lost_package("t1", reason="fetching again") == ["k"]
+    store.set_archive_set_state("k", "failed", reason="re-fetch impossible")
+    assert store.requeue_lost_package("t1", reason="x") == []        # the verifier's: ingested only
+    assert store.requeue_lost_package("t1", reason="retry", states=("failed",)) == ["k"]
+    s = store.get_archive_set("k")
+    assert (s.state, s.transfer_id, s.reason) == ("ready", "t1", "retry")
+    with pytest.raises(ValueError):
+        store.requeue_lost_package("t1", reason="x", states=("lost",))
+
+
+def test_channel_scanned_by_others_sees_only_other_owners_recent_runs(store, clock):
+    store.start_run(mapping="a:x", channel_id=CH, account="a", owner="me")
+    assert not store.channel_scanned_by_others(CH, "me", since=0.0)
+    clock.advance(10)
+    store.start_run(mapping="b:x", channel_id=CH, account="b", owner="other")
+    assert store.channel_scanned_by_others(CH, "me", since=clock() - 5)
+    assert not store.channel_scanned_by_others(CH, "me", since=clock() + 1)   # not since then
+    assert not store.channel_scanned_by_others(CH + 1, "me", since=0.0)       # another channel
+    assert not store.channel_scanned_by_others(CH, "other", since=clock() - 5)

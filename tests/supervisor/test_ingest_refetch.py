@@ -123,3 +123,61 @@ def test_a_lost_package_whose_source_is_gone_too_stays_failed_loudly(env, change
     assert "re-fetch of lost transfer" in store.get_archive_set(key).reason
     assert destination_docs(world, dest) == []                  # nothing else was uploaded
     assert refetch_metric(daemon, "source_gone") == 1 and refetch_metric(daemon, "queued") == 0
+
+
+def reload_mappings(daemon, tmp_path, channels):
+    """The config file now maps only ``channels`` (for alice); the daemon reloads it."""
+    import dataclasses
+
+    from config.schema import IngestMapping
+
+    ing = daemon.settings.ingest
+    new = dataclasses.replace(daemon.settings, ingest=dataclasses.replace(ing, mappings=tuple(
+        IngestMapping(account="alice", channel=c, destination="stash_archive") for c in channels)))
+    daemon.config_path = tmp_path / "stashd.toml"
+    daemon._config_loader = lambda path: new  # noqa: SLF001 - the file's new content
+    return daemon.reload()
+
+
+def test_a_lost_package_whose_mapping_was_removed_fails_clearly_until_retried(env, changes, tmp_path):
+    """Nobody scans a channel whose mapping is gone: the requeued set would wait "ready" for
+    ever. It ends clearly instead, and once the mapping is back, stashctl retry fetches it."""
+    daemon, world, poster, dest, src, other = env
+    data = zip_bytes(3)
+    sha = hashlib.sha256(data).hexdigest()
+    tid, _ = ingested_and_cleaned(daemon, world, poster, src, changes, data)
+    store = daemon.storage
+    sock = daemon.settings.admin.socket
+    [key] = [s.set_key for s in store.list_archive_sets(limit=10)]
+    channel_id = store.get_archive_set(key).channel_id
+    assert "ingest mapping alice:sim_source_a removed" in reload_mappings(daemon, tmp_path,
+                                                                           ["sim_source_b"])
+    [lost] = destination_docs(world, dest)
+    world.delete_messages(dest, [lost["id"]])
+
+    admin_call(sock, "verify", {"id": tid})
+    changes(lambda: store.get_archive_set(key).state == "failed"
+            and refetch_metric(daemon, "no_mapping") == 1)
+    t = store.get_transfer(tid)
+    assert t.state == "failed" and t.reason.startswith("lost after cleanup:"), t.reason
+    assert f"no ingest mapping for source channel {channel_id} any more" in t.reason, t.reason
+    assert f"stashctl retry {tid}" in t.reason, t.reason
+    assert "no ingest mapping" in store.get_archive_set(key).reason
+    assert destination_docs(world, dest) == []
+    assert refetch_metric(daemon, "queued") == 0
+
+    # a retry while the mapping is still missing ends the same way again
+    assert admin_call(sock, "retry", {"id": tid})["refetch"]["sets"] == [key]
+    changes(lambda: store.get_archive_set(key).state == "failed"
+            and refetch_metric(daemon, "no_mapping") == 2)
+    assert "no ingest mapping" in store.get_transfer(tid).reason
+
+    # the mapping comes back; the operator retries: the package is fetched again
+    reload_mappings(daemon, tmp_path, ["sim_source_a", "sim_source_b"])
+    result = admin_call(sock, "retry", {"id": tid})
+    assert result["refetch"]["sets"] == [key] and result["refetch"]["channels"] == [channel_id]
+    changes(lambda: store.get_transfer(tid).state in ("uploaded", "verified")
+            and store.get_archive_set(key).state == "ingested")
+    [doc] = destination_docs(world, dest)
+    assert hashlib.sha256(world.document_bytes(dest, doc["id"])).hexdigest() == sha
+    assert refetch_metric(daemon, "queued") == 1 and refetch_metric(daemon, "no_mapping") == 2
