@@ -907,6 +907,10 @@ class Daemon:
         refetch = self._retry_refetch(t)
         if refetch is not None:
             return refetch
+        problem = self._retry_source_problem(t)
+        if problem is not None:
+            raise AdminCommandError(f"retry: transfer {t.id} cannot be retried: {problem}; the "
+                                    f"transfer is left as it is", code="nothing_to_upload")
         try:
             record = self.storage.retry_transfer(t.id)
         except TransferStateError as exc:
@@ -916,6 +920,35 @@ class Daemon:
         self.tick()
         self._tell_verifier(record.id if record.state in VERIFY_STATES else None)
         return {"transfer": self.transfer_view(record, with_parts=True), "previous_reason": t.reason}
+
+    def _retry_source_problem(self, t) -> str | None:
+        """Why a retry of failed ``t`` would upload from nothing (storage ``retry_transfer``
+        decides what it does; this asks the same questions without writing), or None: it
+        follows a live copy, only checks again, or has a manifest / original to upload from
+        (actors.manifest_restore ``nothing_to_upload_from``)."""
+        from actors.manifest_restore import lost_parts, nothing_to_upload_from
+
+        dropped = None
+        if t.duplicate_of is not None:
+            ref = self.storage.get_transfer(t.duplicate_of)
+            if ref is None or ref.state != "failed":
+                return None  # follows the copy it references
+            package = self.storage.find_package(t.sha256)
+            if package is not None:
+                return None  # follows the copy that holds the content now
+            dropped = t.duplicate_of
+        parts = self.storage.list_parts(t.id)
+        sent = bool(parts) and all(p.message_id is not None for p in parts)
+        if sent and dropped is None and not lost_parts(parts):
+            return None  # every part is sent and was seen: only checked again
+        why = nothing_to_upload_from(t, parts)
+        if why is None:
+            return None
+        if dropped is not None:
+            return (f"it was completed by reference to transfer {dropped}, which is lost, and no "
+                    f"other copy holds its content, so it would be uploaded itself, but nothing "
+                    f"is left to upload it from: {why}: the content is lost")
+        return f"nothing is left to upload it from: {why}: the content is lost"
 
     def _retry_refetch(self, t) -> dict | None:
         """A transfer lost after cleanup whose re-fetch from its source failed (source gone, no

@@ -14,7 +14,10 @@ manifest is planned from the files and made the stored transfer's:
   nothing of other content is ever sent in the transfer's name -- with the
   stored random_ids of the parts that keep their message;
 - :func:`rebuild_from_original`: both for a one-file transfer whose original
-  is still at its source path (the verifier, on its hashing thread).
+  is still at its source path (the verifier, on its hashing thread);
+- :func:`nothing_to_upload_from`: before ``stashctl retry``, whether a retry
+  that must upload has anything to upload from (the manifest, or for a
+  retry the verifier serves, a one-file original it can plan again from).
 
 The captions of a rebuilt manifest carry the transfer's marker; a user caption
 given at upload is not stored in the database and is not restored (for an
@@ -26,12 +29,12 @@ import dataclasses
 from typing import Any, Sequence
 
 from storage.manifest import (
-    UPLOAD_CHUNK_SIZE, Manifest, ManifestError, build_manifest, plan_sources, plan_split,
-    random_int64,
+    UPLOAD_CHUNK_SIZE, Manifest, ManifestError, ManifestNotFoundError, build_manifest, plan_sources,
+    plan_split, random_int64, read_manifest,
 )
 
-__all__ = ["RestoreError", "lost_parts", "rebuild_from_original", "restored_manifest",
-           "same_split_limit", "with_transfer_id"]
+__all__ = ["RestoreError", "lost_parts", "nothing_to_upload_from", "rebuild_from_original",
+           "restored_manifest", "same_split_limit", "with_transfer_id"]
 
 
 class RestoreError(Exception):
@@ -133,3 +136,37 @@ def rebuild_from_original(transfer: Any, parts: Sequence[Any], *, clock: Any = N
     except ManifestError as exc:  # SourceError: unreadable, changed while read
         return f"original unreadable: {exc}"
     return manifest
+
+
+def nothing_to_upload_from(transfer: Any, parts: Sequence[Any]) -> str | None:
+    """Why a retry of failed ``transfer`` that must upload (some part unsent or lost: the
+    caller knows it does not just follow another copy) has nothing to upload from; None
+    when it has. Cheap (no hashing): the manifest must be there and be this content's; a
+    transfer whose every part was sent is served by the verifier, which plans a removed
+    manifest again from a one-file original, so its original at its path with its size
+    will do too (the verifier still compares every part's sha256 before it sends)."""
+    import os
+
+    path = transfer.manifest_path
+    try:
+        m = read_manifest(path)
+    except ManifestNotFoundError:
+        manifest = f"its manifest {path} is gone"
+    except ManifestError as exc:
+        manifest = f"its manifest is unreadable: {exc}"
+    else:
+        if m.sha256 == transfer.sha256 and m.total_size == transfer.size:
+            return None
+        manifest = f"its manifest {path} is not of this content"
+    sent = bool(parts) and all(p.message_id is not None for p in parts)
+    try:
+        size = os.stat(transfer.source_path).st_size
+    except OSError:
+        return f"{manifest} and its original {transfer.source_path} is gone"
+    if not sent:
+        return (f"{manifest} (an upload is planned only from it; the original "
+                f"{transfer.source_path} is still there: upload it again as a new transfer)")
+    if size != transfer.size:
+        return f"{manifest} and its original {transfer.source_path} changed (size {size}, " \
+               f"uploaded {transfer.size})"
+    return None

@@ -51,7 +51,9 @@ tests with fake ports and an injected clock.  One :meth:`Verifier.run_pass`:
      fetches an archive again from its source); nothing of other content is
      ever uploaded in its place.  ``stashctl retry`` puts such a transfer
      back to verifying: with the original back as it was (the manifest kept)
-     the re-upload follows, else it fails again saying why;
+     the re-upload follows, else it fails again saying why (with neither the
+     manifest nor the original at its path with its size, the daemon refuses
+     the retry; an ingested archive's retry fetches it again from its source);
    - ``attempts`` (re-uploads so far; reset only by ``stashctl retry``) >=
      ``max_attempts`` -> failed, everything kept;
    - the next re-upload is not allowed yet (``reupload_allowed_at``: the first

@@ -129,6 +129,8 @@ API (all on ``Storage``)::
         # -> verifying (every part has a message id; due now: a miss re-uploads),
         # -> uploading (some parts sent), -> planned (none sent); attempts = 0,
         # reason cleared, lease released. TransferStateError unless failed.
+        # (stashctl retry asks first whether anything is left to upload from:
+        # actors.manifest_restore.nothing_to_upload_from, actors.daemon)
 
 Records: TransferRecord, PartRecord, ClaimResult, PackageRecord (frozen).
 Errors (all StorageError): TransferNotFoundError, TransferExistsError,

@@ -5,6 +5,7 @@ The [verify] schedule is far in the future, so nothing is checked unless stashct
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -210,3 +211,64 @@ def test_unknown_transfer_and_verifier_errors(env, capsys):
     with pytest.raises(AdminCommandError) as exc:
         admin_call(sock, "retry", {})
     assert exc.value.code == "bad_request"
+
+
+@pytest.fixture
+def duplicated(monkeypatch):
+    """Transfer ids, put the moment storage completes one by reference (no polling)."""
+    done: queue.Queue = queue.Queue()
+    original = TransferStore.mark_transfer_duplicate
+
+    def mark(self, transfer_id, duplicate_of, **kw):
+        record = original(self, transfer_id, duplicate_of, **kw)
+        done.put(transfer_id)
+        return record
+
+    monkeypatch.setattr(TransferStore, "mark_transfer_duplicate", mark)
+    return done
+
+
+def test_retry_refuses_a_transfer_left_with_nothing_to_upload_from(env, uploaded, duplicated, capsys):
+    """Completed by reference with delete_original, its original and manifest removed at
+    cleanup, then the copy it referenced is lost and no other copy holds the content: a retry
+    would upload it from nothing. The daemon refuses and changes nothing."""
+    daemon, world, channel, root, sock = env
+    store = daemon.storage
+    data = os.urandom(200_000)
+    (root / "a.bin").write_bytes(data)
+    first = upload(sock, uploaded, root / "a.bin")
+    (root / "b.bin").write_bytes(data)
+    [t] = admin_call(sock, "upload", {"paths": [str(root / "b.bin")], "delete_original": True})["transfers"]
+    assert duplicated.get(timeout=30) == t["id"]
+    tid = t["id"]
+    b = store.get_transfer(tid)
+    assert b.duplicate_of == first and b.delete_original
+    # what its cleanup deletes (the verifier may have cleaned it already: it follows `first`)
+    for path in (b.source_path, b.manifest_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    store.set_transfer_state(first, "failed", reason="lost after cleanup: message 1 is gone; "
+                                                     "nothing left to re-upload from: ...")
+    store.set_transfer_state(tid, "failed", reason="the copy it referenced is lost")
+
+    def kept(r):  # what a retry changes (a check still running may reword the reason, no more)
+        return (r.state, r.reason is None, r.duplicate_of, r.attempts, r.source_path, r.manifest_path)
+    before = kept(store.get_transfer(tid))
+
+    rc, out, err = stashctl(capsys, sock, "retry", tid)
+    assert rc == 1, out + err
+    assert "[nothing_to_upload]" in err and "content is lost" in err, err
+    assert "manifest" in err and str(b.source_path) in err, err
+    assert kept(store.get_transfer(tid)) == before            # nothing changed
+    with pytest.raises(AdminCommandError) as exc:
+        admin_call(sock, "retry", {"id": tid})
+    assert exc.value.code == "nothing_to_upload"
+
+    # once a copy holds the content again (the referenced one, retried from its kept
+    # original and manifest), the retry follows it
+    rc, out, err = stashctl(capsys, sock, "retry", first)
+    assert rc == 0, out + err
+    rc, out, err = stashctl(capsys, sock, "retry", tid)
+    assert rc == 0, out + err
+    after = store.get_transfer(tid)
+    assert (after.state, after.duplicate_of) == ("uploaded", first)
