@@ -270,5 +270,5 @@ def test_retry_refuses_a_transfer_left_with_nothing_to_upload_from(env, uploaded
     assert rc == 0, out + err
     rc, out, err = stashctl(capsys, sock, "retry", tid)
     assert rc == 0, out + err
-    after = store.get_transfer(tid)
-    assert (after.state, after.duplicate_of) == ("uploaded", first)
+    after = store.get_transfer(tid)   # the verifier may already have followed it further
+    assert after.duplicate_of == first and after.state in ("uploaded", "verified", "cleaned"), after
