@@ -127,6 +127,9 @@ API (all on ``Storage``)::
     finish_run(run_id, *, state="finished", error=None) -> IngestRunRecord
     get_run(run_id) -> IngestRunRecord | None
     list_runs(state=None, limit=20) -> list[IngestRunRecord]     # newest first
+    refetch_waiting_channels() -> set[int]
+        # channels with a set "ready" to be fetched again for a lost package
+        # (the set names a transfer that is "failed"); one query
     channel_scanned_by_others(channel_id, owner, since) -> bool
         # a run of that channel started at or after since by another owner
         # (another process maps it)
@@ -1146,6 +1149,18 @@ class IngestStore:
             return [_run_record(r) for r in q.limit(int(limit))]
 
         return self._run(tx, write=False, what="list ingest runs")
+
+    def refetch_waiting_channels(self) -> set[int]:
+        """The channels of sets "ready" to be fetched again for a lost package: the set names
+        a transfer, and that transfer is "failed" (actors.ingest.refetch)."""
+        Set, Transfer = self.entities.ArchiveSet, self.entities.Transfer
+
+        def tx():
+            return {int(c) for c in select(
+                s.channel_id for s in Set if s.state == "ready" and s.transfer_id is not None
+                and exists(t for t in Transfer if t.id == s.transfer_id and t.state == "failed"))}
+
+        return self._run(tx, write=False, what="list channels of waiting re-fetches")
 
     def channel_scanned_by_others(self, channel_id: int, owner: str, since: float) -> bool:
         """Whether a node other than ``owner`` started a scan run of ``channel_id`` at or

@@ -393,10 +393,10 @@ class IngestActor(SupervisedMixin, LoopActor):
         ing = self.settings.ingest
         since = now - 2 * (ing.scan_interval_seconds + ing.scan_jitter_seconds) - RETRY_SECONDS
         try:
-            waiting = [s for s in self.storage.list_archive_sets("ready", limit=10_000) if s.transfer_id]
+            waiting = self.storage.refetch_waiting_channels()
             if not waiting:
                 return 0
-            channels = unmapped_channels({s.channel_id for s in waiting}, self._mapped_channels())
+            channels = unmapped_channels(waiting, self._mapped_channels())
             ended = 0
             for channel_id in sorted(channels):
                 if self.storage.channel_scanned_by_others(channel_id, self.node, since):

@@ -78,3 +78,15 @@ def test_channel_scanned_by_others_sees_only_other_owners_recent_runs(store, clo
     assert not store.channel_scanned_by_others(CH, "me", since=clock() + 1)   # not since then
     assert not store.channel_scanned_by_others(CH + 1, "me", since=0.0)       # another channel
     assert not store.channel_scanned_by_others(CH, "other", since=clock() - 5)
+
+
+def test_refetch_waiting_channels_names_only_ready_sets_of_failed_transfers(store):
+    _package(store)
+    ingested(store)
+    assert store.refetch_waiting_channels() == set()                  # ingested, not lost
+    store.requeue_lost_package("t1", reason="fetching again")
+    assert store.refetch_waiting_channels() == set()                  # t1 itself is fine
+    store.set_transfer_state("t1", "failed", reason="lost after cleanup: part 1")
+    assert store.refetch_waiting_channels() == {CH}
+    store.set_archive_set_state("k", "failed", reason="re-fetch impossible")
+    assert store.refetch_waiting_channels() == set()                  # no longer waiting
