@@ -26,6 +26,7 @@ ingested archive it is rebuilt from the mapping).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 from storage.manifest import (
@@ -145,8 +146,6 @@ def nothing_to_upload_from(transfer: Any, parts: Sequence[Any]) -> str | None:
     transfer whose every part was sent is served by the verifier, which plans a removed
     manifest again from a one-file original, so its original at its path with its size
     will do too (the verifier still compares every part's sha256 before it sends)."""
-    import os
-
     path = transfer.manifest_path
     try:
         m = read_manifest(path)
@@ -167,6 +166,6 @@ def nothing_to_upload_from(transfer: Any, parts: Sequence[Any]) -> str | None:
         return (f"{manifest} (an upload is planned only from it; the original "
                 f"{transfer.source_path} is still there: upload it again as a new transfer)")
     if size != transfer.size:
-        return f"{manifest} and its original {transfer.source_path} changed (size {size}, " \
-               f"uploaded {transfer.size})"
+        return (f"{manifest} and its original {transfer.source_path} changed (size {size}, "
+                f"uploaded {transfer.size})")
     return None
